@@ -1,0 +1,42 @@
+# kipnb: two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+OUT    ?= build/run
+PIN    := requirements/ci.txt
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup data lint lab bench clean pin
+
+run: $(STAMP) data          ## execute every notebook on Fashion-MNIST into $(OUT)
+	$(BIN)/python -m kipnb.run --output $(OUT)
+
+test: $(STAMP)              ## the whole suite, notebooks included
+	MPLBACKEND=agg $(BIN)/python -m pytest tests -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(PIN)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c $(PIN) -e ".[dev]"
+	touch $(STAMP)
+
+data: $(STAMP)              ## find Fashion-MNIST (Debian package, cache) or download it with checksums
+	$(BIN)/python -m kipnb.data fetch fashion_mnist
+
+lint: $(STAMP)
+	$(BIN)/ruff check kipnb tests benchmarks notebooks
+
+lab: $(STAMP)               ## JupyterLab on the notebooks
+	$(BIN)/python -m pip install -q -c $(PIN) -e ".[dev,lab]"
+	$(BIN)/jupyter lab notebooks
+
+pin:                        ## re-pin the newest versions the registry serves (then run make test)
+	rm -rf build/pin && $(PYTHON) -m venv build/pin
+	build/pin/bin/python -m pip install -q --upgrade pip
+	build/pin/bin/python -m pip install -q -e ".[dev]"
+	build/pin/bin/python -m pip freeze --exclude-editable | grep -v '^kipnb' > $(PIN)
+
+clean:
+	rm -rf build $(VENV)
