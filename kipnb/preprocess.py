@@ -1,0 +1,262 @@
+"""Preprocessing as fitted, invertible transforms: standardization, ZCA, per-image layer norm.
+
+Each transform is a frozen dataclass: ``t = ZCA(reg=0.1).fit(train_images)`` returns a
+fitted copy; ``t.apply(x)`` maps images (N, H, W, C) to the model's input space and
+``t.invert(z)`` maps back (for display). ``t.recipe()`` is a JSON-able description,
+``from_recipe(recipe)`` rebuilds the unfitted transform, so a :class:`DistilledSet`
+records how its images were preprocessed and the transform can be refitted exactly
+(fitting is deterministic) on the same training split.
+
+Fit on the training split, apply the same fitted transform to the test split.
+
+- :class:`Standardize`: per-channel mean and standard deviation.
+- :class:`LayerNorm`: per image, subtract its mean and scale it to unit mean square
+  (as KIP does before ZCA). Per-image statistics are lost, so ``invert`` restores the
+  average per-image mean and scale seen in fitting: exact for such an image, and the
+  natural choice for synthetic images, which have no statistics of their own.
+- :class:`ZCA`: whitening ``W = U diag((s + eps)^-1/2) U^T`` from the eigendecomposition
+  ``U diag(s) U^T`` of the feature covariance. ``eps = reg * trace(cov) / d`` when
+  ``relative=True`` (KIP's convention, reg = 0.1 there), ``eps = reg`` otherwise (kornia's
+  ``ZCAWhitening(eps=0.1)`` as MTT and DATM use it). The inverse is
+  ``U diag((s + eps)^1/2) U^T``, exact for any ``eps > 0``.
+- :class:`Pipeline`: transforms in sequence; ``make(method)`` builds the common ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "METHODS",
+    "ZCA",
+    "LayerNorm",
+    "Pipeline",
+    "Standardize",
+    "from_recipe",
+    "make",
+]
+
+
+def _check_images(x: np.ndarray, what: str = "images") -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(
+            f"{what} must be a batch of images (N, H, W, C); got shape {x.shape}. "
+            f"Add a batch axis (x[None]) or a channel axis (x[..., None])."
+        )
+    return x
+
+
+class _Fitted:
+    """Shared behaviour: fitted-ness checks and shape checks."""
+
+    _fitted_fields: tuple[str, ...] = ()
+
+    @property
+    def fitted(self) -> bool:
+        return all(getattr(self, f) is not None for f in self._fitted_fields)
+
+    def _require_fit(self):
+        if not self.fitted:
+            raise ValueError(
+                f"{type(self).__name__} is not fitted: call .fit(train_images) first "
+                f"and use the transform it returns."
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class Standardize(_Fitted):
+    """Per-channel standardization: (x - mean_c) / std_c."""
+
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    _fitted_fields = ("mean", "std")
+
+    def fit(self, x) -> Standardize:
+        x = _check_images(x).astype(np.float64)
+        std = x.std(axis=(0, 1, 2))
+        return dataclasses.replace(self, mean=x.mean(axis=(0, 1, 2)), std=np.maximum(std, 1e-12))
+
+    def apply(self, x) -> np.ndarray:
+        self._require_fit()
+        x = _check_images(x)
+        if x.shape[-1] != self.mean.shape[0]:
+            raise ValueError(f"fitted on {self.mean.shape[0]} channels, got {x.shape[-1]}")
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def invert(self, z) -> np.ndarray:
+        self._require_fit()
+        return (np.asarray(z) * self.std + self.mean).astype(np.float32)
+
+    def recipe(self) -> dict:
+        return {"kind": "standardize"}
+
+
+@dataclass(frozen=True, eq=False)
+class LayerNorm(_Fitted):
+    """Per image: subtract its mean over all pixels and channels, scale to unit mean square."""
+
+    mean: float | None = None  # average per-image mean seen in fit (for invert)
+    scale: float | None = None  # average per-image RMS after centering (for invert)
+    eps: float = 1e-12
+    _fitted_fields = ("mean", "scale")
+
+    @staticmethod
+    def _stats(x):
+        m = x.mean(axis=(1, 2, 3), keepdims=True)
+        s = np.sqrt(((x - m) ** 2).mean(axis=(1, 2, 3), keepdims=True))
+        return m, s
+
+    def fit(self, x) -> LayerNorm:
+        x = _check_images(x).astype(np.float64)
+        m, s = self._stats(x)
+        return dataclasses.replace(self, mean=float(m.mean()), scale=float(s.mean()))
+
+    def apply(self, x) -> np.ndarray:
+        self._require_fit()
+        x = _check_images(x).astype(np.float64)
+        m, s = self._stats(x)
+        return ((x - m) / np.maximum(s, self.eps)).astype(np.float32)
+
+    def invert(self, z) -> np.ndarray:
+        self._require_fit()
+        return (np.asarray(z) * self.scale + self.mean).astype(np.float32)
+
+    def recipe(self) -> dict:
+        return {"kind": "layernorm"}
+
+
+@dataclass(frozen=True, eq=False)
+class ZCA(_Fitted):
+    """ZCA whitening of the flattened images with a regularization strength ``reg``."""
+
+    reg: float = 0.1
+    relative: bool = True
+    mean: np.ndarray | None = None  # (D,)
+    eigenvalues: np.ndarray | None = None  # (D,) of the covariance, descending
+    eigenvectors: np.ndarray | None = None  # (D, D), columns
+    eps: float | None = None  # the absolute regularizer actually added
+    _fitted_fields = ("mean", "eigenvalues", "eigenvectors")
+
+    def __post_init__(self):
+        if not self.reg > 0:
+            raise ValueError(
+                f"ZCA reg must be > 0 (got {self.reg}): the covariance of image data is "
+                f"often singular. Use a small positive value such as 1e-4."
+            )
+
+    def fit(self, x) -> ZCA:
+        x = _check_images(x)
+        flat = x.reshape(x.shape[0], -1).astype(np.float64)
+        mean = flat.mean(axis=0)
+        flat = flat - mean
+        cov = flat.T @ flat / flat.shape[0]
+        s, u = np.linalg.eigh(cov)
+        s, u = np.clip(s[::-1], 0.0, None), u[:, ::-1]
+        eps = self.reg * float(np.trace(cov)) / cov.shape[0] if self.relative else self.reg
+        return dataclasses.replace(self, mean=mean, eigenvalues=s, eigenvectors=u, eps=eps)
+
+    def _matrix(self, power: float) -> np.ndarray:
+        u = self.eigenvectors
+        return (u * (self.eigenvalues + self.eps) ** power) @ u.T
+
+    @property
+    def whitening_matrix(self) -> np.ndarray:
+        self._require_fit()
+        return self._matrix(-0.5)
+
+    def apply(self, x) -> np.ndarray:
+        self._require_fit()
+        x = _check_images(x)
+        flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] != self.mean.shape[0]:
+            raise ValueError(
+                f"ZCA was fitted on images of {self.mean.shape[0]} values, got {x.shape[1:]}"
+            )
+        z = (flat - self.mean) @ self._matrix(-0.5)
+        return z.reshape(x.shape).astype(np.float32)
+
+    def invert(self, z) -> np.ndarray:
+        self._require_fit()
+        z = _check_images(z)
+        flat = z.reshape(z.shape[0], -1)
+        x = flat @ self._matrix(0.5) + self.mean
+        return x.reshape(z.shape).astype(np.float32)
+
+    def recipe(self) -> dict:
+        return {"kind": "zca", "reg": self.reg, "relative": self.relative}
+
+
+@dataclass(frozen=True, eq=False)
+class Pipeline:
+    """Transforms applied in order (and inverted in reverse order)."""
+
+    steps: tuple[Any, ...] = ()
+
+    @property
+    def fitted(self) -> bool:
+        return all(s.fitted for s in self.steps)
+
+    def fit(self, x) -> Pipeline:
+        fitted = []
+        for s in self.steps:
+            s = s.fit(x)
+            x = s.apply(x)
+            fitted.append(s)
+        return Pipeline(tuple(fitted))
+
+    def fit_apply(self, x) -> tuple[Pipeline, np.ndarray]:
+        t = self.fit(x)
+        return t, t.apply(x)
+
+    def apply(self, x) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        for s in self.steps:
+            x = s.apply(x)
+        return x
+
+    def invert(self, z) -> np.ndarray:
+        for s in reversed(self.steps):
+            z = s.invert(z)
+        return np.asarray(z, dtype=np.float32)
+
+    def recipe(self) -> dict:
+        return {"kind": "pipeline", "steps": [s.recipe() for s in self.steps]}
+
+
+_KINDS = {"standardize": Standardize, "layernorm": LayerNorm, "zca": ZCA}
+
+METHODS = ("none", "standardize", "zca", "layernorm_zca", "standardize_zca")
+
+
+def make(method: str = "standardize", zca_reg: float = 0.1, relative: bool = True) -> Pipeline:
+    """An unfitted pipeline by name: one of :data:`METHODS`.
+
+    ``'layernorm_zca'`` is KIP's preprocessing, ``'standardize_zca'`` MTT's (with
+    ``relative=False``); ``'none'`` is the identity.
+    """
+    steps: dict[str, Sequence] = {
+        "none": (),
+        "standardize": (Standardize(),),
+        "zca": (ZCA(zca_reg, relative),),
+        "layernorm_zca": (LayerNorm(), ZCA(zca_reg, relative)),
+        "standardize_zca": (Standardize(), ZCA(zca_reg, relative)),
+    }
+    if method not in steps:
+        raise ValueError(f"Unknown preprocessing {method!r}. Known: {', '.join(METHODS)}.")
+    return Pipeline(tuple(steps[method]))
+
+
+def from_recipe(recipe: dict) -> Any:
+    """Rebuild an unfitted transform from ``t.recipe()``."""
+    kind = recipe.get("kind")
+    if kind == "pipeline":
+        return Pipeline(tuple(from_recipe(r) for r in recipe["steps"]))
+    if kind not in _KINDS:
+        raise ValueError(f"Unknown transform kind {kind!r} in recipe {recipe}.")
+    return _KINDS[kind](**{k: v for k, v in recipe.items() if k != "kind"})
