@@ -1,0 +1,69 @@
+"""Every notebook: committed clean, has the papermill/Colab cells, and runs with tiny
+parameters (papermill, MPLBACKEND=agg) writing a results.json we check."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from kipnb import colab
+from kipnb.run import notebook_parameters, run_notebooks
+
+NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
+
+
+def check_00(r):
+    assert r["dataset"] == "digits" and (r["n_train"], r["n_test"]) == (1348, 449)
+    assert r["image_shape"] == [8, 8, 1] and r["num_classes"] == 10
+    assert sum(r["train_class_counts"]) == 1348
+    assert r["roundtrip_max_error"]["standardize"] < 1e-4
+    assert r["roundtrip_max_error"]["zca"] < 1e-3
+    assert 0 < r["directions_kept_90pct"] < 64
+    assert 0.3 < r["whitened_test_variance_top10"][0] < 3.0  # whitened: order 1, not 10s
+    assert r["machine"]["jax"]
+
+
+# Tiny parameters per notebook (keys: notebook stems) and the checks on its results.
+TINY = {
+    "00_datasets": ({"DATASET": "digits", "IPC_SHOW": 2, "N_FIT": None}, check_00),
+}
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, f"no notebooks in {NB_DIR}"
+    assert set(TINY) <= {nb.stem for nb in NOTEBOOKS}, "TINY names a notebook that is gone"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_clean_with_required_cells(nb):
+    cells = json.loads(nb.read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    with_outputs = [i for i, c in enumerate(cells) if c.get("outputs")]
+    assert not with_outputs, f"{nb.name} is committed with outputs in cells {with_outputs}: strip them"
+    assert all(c.get("execution_count") is None for c in code), f"{nb.name}: execution counts"
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{nb.name} needs exactly one cell tagged 'parameters'"
+    assert re.match(r"^\d\d_\w+\.ipynb$", nb.name)
+    first = "".join(cells[0]["source"])
+    assert cells[0]["cell_type"] == "markdown" and first.startswith("# ")
+    assert colab.badge_markdown(nb.name) in first, f"{nb.name}: Colab badge missing or stale"
+    setup = "".join(code[0]["source"])
+    assert 'if "google.colab" in sys.modules:' in setup and colab.pip_url() in setup
+    assert "jax.devices()" in setup
+    assert code[1] is tagged[0], f"{nb.name}: the parameters cell follows the setup cell"
+    params = notebook_parameters(nb)
+    assert "OUTPUT_DIR" in params and all(k.isupper() for k in params), params
+    assert "write_results(OUTPUT_DIR" in "".join(code[-1]["source"]), "last cell writes results"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_executes(nb, tmp_path):
+    assert nb.stem in TINY, f"add tiny parameters and checks for {nb.stem} to TINY"
+    params, check = TINY[nb.stem]
+    runs = run_notebooks([nb], tmp_path, params, log=lambda *a, **k: None)
+    assert runs[0].ok, runs[0].error
+    check(runs[0].results)

@@ -1,0 +1,105 @@
+"""kipnb.run: the papermill runner behind `make run`, on small notebooks written here."""
+
+from __future__ import annotations
+
+import json
+
+import nbformat
+import pytest
+
+from kipnb import run
+from kipnb.run import RunError
+
+
+def write_nb(path, params: str, body: str, tag=True):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    p = nbformat.v4.new_code_cell(params)
+    if tag:
+        p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, path)
+    return path
+
+
+WRITE = """import json, os
+os.makedirs(OUTPUT_DIR, exist_ok=True)
+json.dump({"x": X, "name": NAME}, open(os.path.join(OUTPUT_DIR, "results.json"), "w"))"""
+
+
+@pytest.fixture
+def nbdir(tmp_path):
+    d = tmp_path / "notebooks"
+    d.mkdir()
+    write_nb(d / "00_first.ipynb", 'X = 1\nNAME = "a"\nOUTPUT_DIR = "out"', WRITE)
+    write_nb(d / "01_second.ipynb", 'X = 2\nNAME = "b"\nOUTPUT_DIR = "out"', WRITE)
+    return d
+
+
+def test_find_notebooks(nbdir):
+    assert [p.name for p in run.find_notebooks((), nbdir)] == ["00_first.ipynb", "01_second.ipynb"]
+    assert run.find_notebooks(["01"], nbdir)[0].name == "01_second.ipynb"
+    assert run.find_notebooks(["00_first"], nbdir)[0].name == "00_first.ipynb"
+    with pytest.raises(RunError, match="No single notebook matches '07'. Available: 00_first"):
+        run.find_notebooks(["07"], nbdir)
+
+
+def test_runs_with_parameters_and_writes_results(nbdir, tmp_path):
+    pfile = tmp_path / "p.yaml"
+    pfile.write_text("NAME: fromfile\n01_second:\n  X: 20\n")
+    out = tmp_path / "out"
+    lines = []
+    code = run.main([
+        "--notebook-dir", str(nbdir), "-o", str(out), "-f", str(pfile), "-p", "X", "[1, 2]",
+    ])  # fmt: skip
+    assert code == 0
+    r0 = json.loads((out / "00_first" / "results.json").read_text())
+    r1 = json.loads((out / "01_second" / "results.json").read_text())
+    assert r0 == {"x": [1, 2], "name": "fromfile"}  # command line beats the file
+    assert r1 == {"x": [1, 2], "name": "fromfile"}
+    assert (out / "00_first.ipynb").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["ok"] for s in summary] == [True, True] and summary[0]["seconds"] > 0
+    runs = run.run_notebooks(
+        run.find_notebooks(["01"], nbdir), out, params_file=pfile,
+        log=lambda *a, **k: lines.append(" ".join(map(str, a))),
+    )  # fmt: skip
+    assert runs[0].results == {"x": 20, "name": "fromfile"}  # per-notebook file entry
+    assert any("01_second.ipynb ok in" in ln for ln in lines)
+    assert any("1 ok, 0 failed" in ln for ln in lines)
+
+
+def test_failure_names_notebook_and_cell(nbdir, tmp_path, capsys):
+    write_nb(nbdir / "02_bad.ipynb", 'X = 0\nOUTPUT_DIR = "out"', "y = 1 / X")
+    code = run.main(["--notebook-dir", str(nbdir), "-o", str(tmp_path / "o"), "02", "00"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "02_bad.ipynb FAILED" in out and "ZeroDivisionError: division by zero" in out
+    assert "in: y = 1 / X" in out and "cell" in out
+    assert "1 not run (use --keep-going)" in out  # stops at the first failure
+    code = run.main(["--notebook-dir", str(nbdir), "-o", str(tmp_path / "o"), "--keep-going", "02", "00"])
+    assert code == 1 and "1 ok, 1 failed" in capsys.readouterr().out
+
+
+def test_missing_results_json_fails(nbdir, tmp_path, capsys):
+    write_nb(nbdir / "03_quiet.ipynb", 'OUTPUT_DIR = "out"', "pass")
+    assert run.main(["--notebook-dir", str(nbdir), "-o", str(tmp_path / "o"), "03"]) == 1
+    assert "did not write" in capsys.readouterr().out
+
+
+def test_parameter_errors(nbdir, tmp_path, capsys):
+    assert run.main(["--notebook-dir", str(nbdir), "-o", str(tmp_path), "-p", "XX", "1"]) == 2
+    assert "No selected notebook declares the parameter(s) ['XX']" in capsys.readouterr().err
+    write_nb(nbdir / "04_untagged.ipynb", "X = 1", "pass", tag=False)
+    assert run.main(["--notebook-dir", str(nbdir), "-o", str(tmp_path), "04"]) == 2
+    assert "has no cell tagged 'parameters'" in capsys.readouterr().err
+    pfile = tmp_path / "p.yaml"
+    pfile.write_text("00_first:\n  Y: 3\n")
+    assert run.main(["--notebook-dir", str(nbdir), "-o", str(tmp_path), "-f", str(pfile), "00"]) == 2
+    assert "00_first.ipynb does not declare ['Y']" in capsys.readouterr().err
+
+
+def test_parse_value():
+    assert run.parse_value("10") == 10 and run.parse_value("0.5") == 0.5
+    assert run.parse_value("true") is True and run.parse_value("[1, 10]") == [1, 10]
+    assert run.parse_value("fashion_mnist") == "fashion_mnist"
