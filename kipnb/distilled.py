@@ -51,6 +51,9 @@ def atomic_write_bytes(path: str | os.PathLike, writer, overwrite: bool = True) 
             writer(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

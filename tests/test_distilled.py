@@ -47,6 +47,13 @@ def test_roundtrip(tmp_path, soft):
     assert t.num_classes == 10
 
 
+def test_saved_file_has_ordinary_permissions(tmp_path):
+    path = make_set().save(tmp_path / "set.npz")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_readable_with_plain_numpy(tmp_path):
     make_set().save(tmp_path / "set.npz")
     with np.load(tmp_path / "set.npz", allow_pickle=False) as z:
@@ -85,7 +92,9 @@ def test_truncated_file_is_reported(tmp_path):
     with pytest.raises(ValueError, match="could not be read as a DistilledSet"):
         DistilledSet.load(path)
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
-    with pytest.raises(ValueError, match=r"not a DistilledSet file: it lacks \['images', 'labels', 'meta'\]"):
+    with pytest.raises(
+        ValueError, match=r"not a DistilledSet file: it lacks \['images', 'labels', 'meta'\]"
+    ):
         DistilledSet.load(tmp_path / "other.npz")
 
 
