@@ -1,0 +1,194 @@
+"""Reference NNGP/NTK values from real neural-tangents 0.6.5 for tests/test_stax.py.
+
+neural-tangents 0.6.5 does not import on the JAX kipnb uses, so this script runs in a
+separate, pinned environment (Python 3.11)::
+
+    python3 -m venv build/ntenv
+    build/ntenv/bin/pip install jax==0.4.30 jaxlib==0.4.30 neural-tangents==0.6.5 \
+        tf2jax==0.3.6 "tensorflow-cpu==2.17.*" "numpy<2"
+    build/ntenv/bin/python scripts/make_nt_fixtures.py      # -> tests/fixtures/nt_reference.npz
+
+It needs nothing from kipnb. For every case it stores, in float64:
+
+* ``<case>/arch``: the network as a Python expression over the ``stax`` constructors
+  (the test evaluates the same string with ``kipnb.stax``),
+* ``<case>/x1``, ``<case>/x2``: inputs drawn with a fixed numpy seed,
+* ``<case>/nngp``, ``<case>/ntk``: ``kernel_fn(x1, x2)``; ``<case>/nngp_same``,
+  ``<case>/ntk_same``: ``kernel_fn(x1, None)``,
+* ``<case>/grad_ntk`` (for the cases in ``GRADIENT_CASES``): the gradient w.r.t. ``x1``
+  of ``sum(R * ntk(x1, x2))`` with ``R = weights(ntk.shape)`` (a fixed cosine pattern,
+  recomputed by the test),
+
+plus ``meta/versions``. The file is deterministic (same inputs, same numbers up to
+floating-point reproducibility of XLA on the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import neural_tangents as nt  # noqa: E402
+import numpy as np  # noqa: E402
+from neural_tangents import stax  # noqa: E402
+
+CONV3 = ("Conv(16, (3, 3), padding='SAME', W_std=1.4, b_std=0.1), Relu(), "
+         "AvgPool((2, 2), (2, 2))")
+
+# name -> (architecture expression, x1 shape, x2 shape)
+CASES: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {
+    "fc3_bias": (
+        "serial(Dense(64, W_std=1.5, b_std=0.1), Relu(), Dense(64, W_std=1.5, b_std=0.1), "
+        "Relu(), Dense(64, W_std=1.5, b_std=0.1), Relu(), Dense(1, W_std=1.5, b_std=0.1))",
+        (5, 12), (4, 12)),
+    "fc2_nobias": (
+        "serial(Dense(32), Relu(), Dense(32, W_std=2.0), Relu(), Dense(3))",
+        (4, 7), (3, 7)),
+    "erf_net": (
+        "serial(Dense(32, W_std=1.3, b_std=0.2), Erf(), Dense(32, W_std=1.3, b_std=0.2), "
+        "Erf(a=0.7, b=1.2, c=0.1), Dense(1, W_std=0.9, b_std=0.05))",
+        (4, 9), (3, 9)),
+    "fc_standard": (
+        "serial(Dense(48, W_std=1.2, b_std=0.3, parameterization='standard'), Relu(), "
+        "Dense(24, W_std=1.1, b_std=0.2, parameterization='standard'), LeakyRelu(0.1), "
+        "Dense(1, W_std=0.8, b_std=0.1, parameterization='standard'))",
+        (4, 6), (3, 6)),
+    "standard_s": (
+        "serial(Dense(16, W_std=1.2, b_std=0.1, parameterization='standard', s=(1, 2)), "
+        "Relu(), Dense(8, W_std=1.1, parameterization='standard', s=(2, 3)), Relu(), "
+        "Dense(1, b_std=0.2, parameterization='standard', s=(3, 1)))",
+        (4, 6), (3, 6)),
+    "conv_standard_s": (
+        "serial(Conv(4, (3, 3), padding='SAME', b_std=0.1, parameterization='standard', "
+        "s=(1, 2)), Relu(), Conv(3, (2, 2), W_std=1.3, parameterization='standard', "
+        "s=(2, 1)), Relu(), Flatten(), Dense(1, parameterization='standard'))",
+        (3, 6, 6, 2), (2, 6, 6, 2)),
+    "conv_flatten": (
+        "serial(Conv(16, (3, 3), padding='SAME', W_std=1.4, b_std=0.1), Relu(), "
+        "Conv(16, (3, 3), padding='SAME', W_std=1.4, b_std=0.1), Relu(), Flatten(), "
+        "Dense(1, W_std=1.2, b_std=0.05))",
+        (4, 8, 8, 2), (3, 8, 8, 2)),
+    "convnet3_8x8": (
+        f"serial({CONV3}, {CONV3}, {CONV3}, Flatten(), Dense(10))",
+        (4, 8, 8, 2), (3, 8, 8, 2)),
+    "convnet3_16x16": (
+        f"serial({CONV3}, {CONV3}, {CONV3}, Flatten(), Dense(10))",
+        (3, 16, 16, 1), (2, 16, 16, 1)),
+    "gap_net": (
+        "serial(Conv(16, (3, 3), padding='SAME', W_std=1.3), Relu(), "
+        "Conv(16, (3, 3), padding='VALID', W_std=1.3, b_std=0.2), Relu(), GlobalAvgPool(), "
+        "Dense(1, W_std=1.1, b_std=0.1))",
+        (4, 6, 6, 3), (3, 6, 6, 3)),
+    "strides_valid": (
+        "serial(Conv(16, (3, 3), strides=(2, 2), padding='VALID', W_std=1.5, b_std=0.3), "
+        "Relu(), Conv(16, (2, 3), strides=(1, 2), padding='SAME'), Relu(), "
+        "AvgPool((2, 2), strides=(1, 1), padding='SAME'), Flatten(), Dense(1))",
+        (3, 11, 9, 2), (2, 11, 9, 2)),
+    "strided_band": (
+        "serial(Conv(16, (3, 3), strides=(2, 2), padding='SAME', W_std=1.3, b_std=0.1), "
+        "Relu(), AvgPool((2, 2), (2, 2)), Flatten(), Dense(1))",
+        (3, 16, 16, 1), (2, 16, 16, 1)),
+    "erf_pool_band": (
+        "serial(Conv(16, (3, 3), padding='SAME', W_std=1.2, b_std=0.2), "
+        "Erf(a=1.1, b=0.9, c=0.3), AvgPool((2, 2), (2, 2)), "
+        "Conv(16, (3, 3), padding='SAME', W_std=1.2), Erf(), AvgPool((2, 2), (2, 2)), "
+        "Flatten(), Dense(1, b_std=0.1))",
+        (3, 12, 12, 2), (2, 12, 12, 2)),
+    "conv_standard": (
+        "serial(Conv(8, (3, 3), padding='SAME', W_std=1.3, b_std=0.2, "
+        "parameterization='standard'), Relu(), AvgPool((2, 2), (2, 2)), "
+        "Conv(12, (2, 2), padding='VALID', W_std=1.1, b_std=0.1, parameterization='standard'), "
+        "Relu(), Flatten(), Dense(1, W_std=0.9, b_std=0.1, parameterization='standard'))",
+        (3, 8, 8, 2), (2, 8, 8, 2)),
+    "pool_same_edges": (
+        "serial(Conv(16, (3, 3), padding='SAME'), Abs(), "
+        "AvgPool((3, 3), strides=(2, 2), padding='SAME', normalize_edges=True), "
+        "Conv(16, (2, 2), padding='SAME'), Relu(), "
+        "AvgPool((3, 2), padding='SAME'), Flatten(), Dense(1))",
+        (3, 7, 6, 2), (2, 7, 6, 2)),
+    "band_to_full": (
+        "serial(Conv(8, (5, 5), W_std=1.3, b_std=0.1), Relu(), AvgPool((5, 5)), "
+        "Conv(8, (2, 2), padding='SAME'), Relu(), Flatten(), Dense(1))",
+        (3, 12, 12, 1), (2, 12, 12, 1)),
+    "conv1d": (
+        "serial(Conv(16, (3,), padding='SAME', b_std=0.1), Relu(), AvgPool((2,), (2,)), "
+        "Conv(16, (3,), padding='VALID'), Relu(), Flatten(), Dense(1))",
+        (3, 14, 3), (2, 14, 3)),
+    "conv3d": (
+        "serial(Conv(8, (2, 2, 2), padding='SAME', b_std=0.1), Relu(), "
+        "AvgPool((2, 2, 2), (2, 2, 2)), Conv(8, (2, 2, 2), padding='SAME'), Relu(), "
+        "Flatten(), Dense(1))",
+        (3, 6, 4, 4, 1), (2, 6, 4, 4, 1)),
+    "flatten_first": (
+        "serial(Flatten(), Dense(32, b_std=0.1), Relu(), Dense(1))",
+        (3, 5, 5, 2), (2, 5, 5, 2)),
+    "spatial_output": (
+        "serial(Conv(16, (3, 3), padding='SAME', b_std=0.1), Relu(), Conv(4, (2, 2)))",
+        (3, 5, 5, 2), (2, 5, 5, 2)),
+}
+
+
+# Cases that also store a gradient: dense, Erf, standard parameterization, banded conv +
+# pool storage, full storage (GlobalAvgPool). Kept few: the test compiles each gradient.
+GRADIENT_CASES = ("fc3_bias", "erf_net", "standard_s", "strided_band", "gap_net")
+
+
+def weights(shape) -> np.ndarray:
+    """Fixed weights for the gradient check (the test has an identical copy)."""
+    n = int(np.prod(shape))
+    return np.cos(0.7 * np.arange(n) + 0.3).reshape(shape)
+
+
+def build(arch: str):
+    names = {n: getattr(stax, n) for n in (
+        "serial", "Dense", "Conv", "Relu", "LeakyRelu", "Abs", "Erf", "AvgPool",
+        "GlobalAvgPool", "Flatten")}
+    return eval(arch, {"__builtins__": {}}, names)  # noqa: S307 - our own constant strings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1]
+                                         / "tests" / "fixtures" / "nt_reference.npz"))
+    args = ap.parse_args()
+    rng = np.random.default_rng(20240601)
+    arrays: dict[str, np.ndarray] = {}
+    for name, (arch, s1, s2) in CASES.items():
+        x1 = rng.standard_normal(s1)
+        x2 = rng.standard_normal(s2)
+        _, _, kernel_fn = build(arch)
+        k = kernel_fn(x1, x2, ("nngp", "ntk"))
+        ks = kernel_fn(x1, None, ("nngp", "ntk"))
+        arrays.update({
+            f"{name}/arch": np.array(arch),
+            f"{name}/x1": x1, f"{name}/x2": x2,
+            f"{name}/nngp": np.asarray(k.nngp), f"{name}/ntk": np.asarray(k.ntk),
+            f"{name}/nngp_same": np.asarray(ks.nngp), f"{name}/ntk_same": np.asarray(ks.ntk),
+        })
+        if name in GRADIENT_CASES:
+            R = weights(np.shape(k.ntk))
+
+            def loss(a, kernel_fn=kernel_fn, x2=x2, R=R):
+                return jnp.sum(R * kernel_fn(a, x2, "ntk"))
+
+            arrays[f"{name}/grad_ntk"] = np.asarray(jax.grad(loss)(jnp.asarray(x1)))
+        assert np.asarray(k.ntk).dtype == np.float64
+        print(f"{name:18s} nngp {np.shape(k.nngp)}  max|ntk| {np.max(np.abs(k.ntk)):.4g}")
+    versions = {"neural_tangents": nt.__version__, "jax": jax.__version__,
+                "numpy": np.__version__, "python": platform.python_version()}
+    arrays["meta/versions"] = np.array(json.dumps(versions))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **arrays)
+    print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB), {versions}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,498 @@
+"""Tests of kipnb.stax: values against neural-tangents 0.6.5, Monte Carlo, transformations.
+
+The reference values in tests/fixtures/nt_reference.npz were computed by real
+neural-tangents 0.6.5 in float64 with scripts/make_nt_fixtures.py (a separate, pinned
+environment); this test run does not need that environment.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kipnb import stax
+
+FIXTURES = np.load(Path(__file__).parent / "fixtures" / "nt_reference.npz")
+CASES = sorted({k.split("/")[0] for k in FIXTURES.files if not k.startswith("meta/")})
+# The cases with a reference gradient (dense, Erf, standard parameterization, banded and
+# full conv storage); only a few, because compiling gradients dominates the test time.
+GRAD_CASES = [c for c in CASES if f"{c}/grad_ntk" in FIXTURES.files]
+LAYERS = ("serial", "Dense", "Conv", "Relu", "LeakyRelu", "Abs", "Erf", "AvgPool",
+          "GlobalAvgPool", "Flatten")
+
+
+def build(arch: str):
+    """Evaluates an architecture expression of the fixture file with kipnb's layers."""
+    return eval(arch, {"__builtins__": {}}, {n: getattr(stax, n) for n in LAYERS})  # noqa: S307
+
+
+def weights(shape) -> np.ndarray:
+    """Same fixed weights as scripts/make_nt_fixtures.py uses for its gradient."""
+    n = int(np.prod(shape))
+    return np.cos(0.7 * np.arange(n) + 0.3).reshape(shape)
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, the comparison metric of the brief."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def convnet(depth=2, width=16):
+    layers = []
+    for _ in range(depth):
+        layers += [stax.Conv(width, (3, 3), padding="SAME", W_std=1.4, b_std=0.1), stax.Relu(),
+                   stax.AvgPool((2, 2), (2, 2))]
+    return stax.serial(*layers, stax.Flatten(), stax.Dense(1, W_std=1.2, b_std=0.1))
+
+
+def fc(depth=2, width=64):
+    layers = []
+    for _ in range(depth):
+        layers += [stax.Dense(width, W_std=1.5, b_std=0.1), stax.Relu()]
+    return stax.serial(*layers, stax.Dense(1, W_std=1.5, b_std=0.1))
+
+
+# Shared networks: kernel_fn's compiled code is cached per network and input shape, so
+# tests that reuse these (with the shapes below) do not compile again.
+CONV = convnet(depth=1)
+FC = fc()
+NETS = {"fc": FC, "conv": CONV}
+RNG = np.random.default_rng(0)
+X_IMG = RNG.standard_normal((4, 8, 8, 2)).astype(np.float32)
+Y_IMG = RNG.standard_normal((3, 8, 8, 2)).astype(np.float32)
+X_VEC = RNG.standard_normal((5, 10)).astype(np.float32)
+Y_VEC = RNG.standard_normal((4, 10)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def test_fixture_file_is_from_neural_tangents_065():
+    import json
+
+    versions = json.loads(str(FIXTURES["meta/versions"]))
+    assert versions["neural_tangents"] == "0.6.5"
+    assert len(CASES) >= 12 and len(GRAD_CASES) >= 5
+    for case in CASES:
+        assert FIXTURES[f"{case}/ntk"].dtype == np.float64
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_neural_tangents_float64(case):
+    """NNGP and NTK (x1 vs x2, and x2=None) equal neural-tangents' to 1e-5 relative."""
+    with jax.enable_x64(True):
+        _, _, kernel_fn = build(str(FIXTURES[f"{case}/arch"]))
+        x1, x2 = FIXTURES[f"{case}/x1"], FIXTURES[f"{case}/x2"]
+        # One compiled program for both calls (compilation dominates this test's time).
+        k, k_same = jax.jit(lambda a, b: (kernel_fn(a, b), kernel_fn(a, None)))(x1, x2)
+        assert k.ntk.dtype == jnp.float64
+        errors = {
+            "nngp": rel_err(k.nngp, FIXTURES[f"{case}/nngp"]),
+            "ntk": rel_err(k.ntk, FIXTURES[f"{case}/ntk"]),
+            "nngp_same": rel_err(k_same.nngp, FIXTURES[f"{case}/nngp_same"]),
+            "ntk_same": rel_err(k_same.ntk, FIXTURES[f"{case}/ntk_same"]),
+        }
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("case", GRAD_CASES)
+def test_gradient_matches_neural_tangents_float64(case):
+    with jax.enable_x64(True):
+        _, _, kernel_fn = build(str(FIXTURES[f"{case}/arch"]))
+        x1, x2 = FIXTURES[f"{case}/x1"], FIXTURES[f"{case}/x2"]
+        R = weights(FIXTURES[f"{case}/ntk"].shape)
+        grad = jax.jit(jax.grad(lambda a: jnp.sum(R * kernel_fn(a, x2, "ntk"))))(x1)
+    assert rel_err(grad, FIXTURES[f"{case}/grad_ntk"]) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["fc3_bias", "erf_pool_band", "gap_net"])
+def test_float32_agrees_with_float64_reference(case):
+    """float32 kernels (the default dtype) agree with the float64 reference."""
+    _, _, kernel_fn = build(str(FIXTURES[f"{case}/arch"]))
+    x1 = FIXTURES[f"{case}/x1"].astype(np.float32)
+    x2 = FIXTURES[f"{case}/x2"].astype(np.float32)
+    k, k_same = jax.jit(lambda a, b: (kernel_fn(a, b), kernel_fn(a)))(x1, x2)
+    assert k.nngp.dtype == jnp.float32 and k_same.ntk.dtype == jnp.float32
+    assert rel_err(k.nngp, FIXTURES[f"{case}/nngp"]) < 1e-5
+    assert rel_err(k.ntk, FIXTURES[f"{case}/ntk"]) < 1e-5
+    # The diagonal of x2=None is where 1 - cos(angle)**2 cancels; still float32-accurate.
+    assert rel_err(k_same.ntk, FIXTURES[f"{case}/ntk_same"]) < 1e-5
+
+
+def test_float64_inside_context_does_not_leak():
+    _, _, kernel_fn = FC
+    with jax.enable_x64(True):
+        k64 = kernel_fn(X_VEC.astype(np.float64), None, "ntk")
+    k32 = kernel_fn(X_VEC, None, "ntk")
+    assert k64.dtype == jnp.float64 and k32.dtype == jnp.float32
+    assert not jax.config.jax_enable_x64
+    assert rel_err(k32, k64) < 1e-6
+
+
+# --------------------------------------------------------------------------- Monte Carlo
+
+
+def empirical_nngp(net, x, seeds: int):
+    """Per-seed empirical NNGPs ``f(x) f(x)^T / n_out`` of finite nets from init_fn/apply_fn."""
+    init_fn, apply_fn, _ = net
+
+    def one(key):
+        _, params = init_fn(key, x.shape)
+        f = apply_fn(params, x)
+        return f @ f.T / f.shape[-1]
+
+    keys = jax.random.split(jax.random.PRNGKey(0), seeds)
+    return np.asarray(jax.jit(lambda k: jax.lax.map(one, k))(keys), np.float64)
+
+
+def mc_agrees(samples: np.ndarray, kernel: np.ndarray) -> tuple[bool, float, float]:
+    """Whether the seed average matches ``kernel`` within sampling error.
+
+    Each of the ``S`` seeds gives an independent estimate; their spread gives the standard
+    error of the mean, ``se = std / sqrt(S)``. An entry agrees when it is within 4.5
+    standard errors (a two-sided t-test with S-1 degrees of freedom at ~1e-3, per entry)
+    plus 1% of the kernel's scale for the O(1/width) finite-width bias (widths >= 512,
+    depth 2, so the bias is ~0.1-0.5%).
+    """
+    mean = samples.mean(0)
+    se = samples.std(0, ddof=1) / math.sqrt(len(samples))
+    scale = np.max(np.abs(kernel))
+    ok = np.all(np.abs(mean - kernel) <= 4.5 * se + 0.01 * scale)
+    return bool(ok), float(np.max(np.abs(mean - kernel)) / scale), float(np.max(se) / scale)
+
+
+def test_monte_carlo_fc():
+    x = np.random.default_rng(10).standard_normal((4, 8)).astype(np.float32)
+
+    def net(w_std):
+        return stax.serial(stax.Dense(2048, W_std=w_std, b_std=0.1), stax.Relu(),
+                           stax.Dense(2048, W_std=1.5, b_std=0.1), stax.Relu(),
+                           stax.Dense(2048, W_std=1.5, b_std=0.1))
+
+    samples = empirical_nngp(net(1.5), x, seeds=24)
+    ok, err, se = mc_agrees(samples, np.asarray(net(1.5)[2](x, None, "nngp")))
+    assert ok, (err, se)
+    assert err < 0.05 and se < 0.02
+    # Power: a 10% larger first-layer W_std (kernel ~17% larger) is rejected.
+    wrong = np.asarray(net(1.65)[2](x, None, "nngp"))
+    assert not mc_agrees(samples, wrong)[0]
+
+
+def test_monte_carlo_conv():
+    x = np.random.default_rng(11).standard_normal((4, 6, 6, 2)).astype(np.float32)
+
+    def net(w_std):
+        return stax.serial(
+            stax.Conv(512, (3, 3), padding="SAME", W_std=w_std, b_std=0.1), stax.Relu(),
+            stax.AvgPool((2, 2), (2, 2)),
+            stax.Conv(512, (3, 3), padding="SAME", W_std=1.4), stax.Relu(),
+            stax.Flatten(), stax.Dense(2048, W_std=1.2))
+
+    samples = empirical_nngp(net(1.4), x, seeds=16)
+    ok, err, se = mc_agrees(samples, np.asarray(net(1.4)[2](x, None, "nngp")))
+    assert ok, (err, se)
+    assert err < 0.05 and se < 0.03
+    # Power: a 10% larger first-layer W_std (kernel ~17% larger) is rejected.
+    assert not mc_agrees(samples, np.asarray(net(1.54)[2](x, None, "nngp")))[0]
+
+
+def test_init_apply_shapes_and_parameterizations():
+    init_fn, apply_fn, _ = stax.serial(
+        stax.Conv(7, (3, 3), strides=(2, 2), padding="SAME", b_std=0.1), stax.Relu(),
+        stax.AvgPool((2, 2)), stax.Conv(5, (2, 2), parameterization="standard", b_std=0.3),
+        stax.GlobalAvgPool(), stax.Dense(3, parameterization="standard"))
+    out_shape, params = init_fn(jax.random.PRNGKey(1), (-1, 9, 9, 2))
+    assert out_shape == (-1, 3)
+    assert params[0][0].shape == (3, 3, 2, 7) and params[0][1].shape == (1, 1, 1, 7)
+    x = np.random.default_rng(12).standard_normal((4, 9, 9, 2)).astype(np.float32)
+    y = jax.jit(apply_fn)(params, x)
+    assert y.shape == (4, 3) and np.all(np.isfinite(y))
+    # NTK parameterization: unit-variance weights, the scale is in apply_fn.
+    _, p = stax.Dense(4000, W_std=2.0)[0](jax.random.PRNGKey(2), (1, 100))
+    assert abs(float(np.std(p[0])) - 1.0) < 0.02
+    # Standard parameterization: W ~ N(0, W_std**2 / fan_in).
+    _, p = stax.Dense(4000, W_std=2.0, parameterization="standard")[0](
+        jax.random.PRNGKey(2), (1, 100))
+    assert abs(float(np.std(p[0])) - 0.2) < 0.004
+
+
+# --------------------------------------------------------------------------- transformations
+
+
+def inputs(name):
+    return (X_VEC, Y_VEC) if name == "fc" else (X_IMG, Y_IMG)
+
+
+@pytest.mark.parametrize("name", ["fc", "conv"])
+def test_jit_matches_eager(name):
+    _, _, kernel_fn = NETS[name]
+    x, y = inputs(name)
+    eager = kernel_fn(x, y, ("nngp", "ntk"))
+    jitted = jax.jit(kernel_fn, static_argnames="get")(x, y, get=("nngp", "ntk"))
+    np.testing.assert_allclose(jitted.nngp, eager.nngp, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(jitted.ntk, eager.ntk, rtol=1e-6, atol=0)
+    assert eager.ntk.shape == (len(x), len(y))
+
+
+@pytest.mark.parametrize("name", ["fc", "conv"])
+def test_gradients_finite_at_identical_inputs(name):
+    """x1 == x2 is the arccos/sqrt boundary; gradients must stay finite (no NaN/inf)."""
+    _, _, kernel_fn = NETS[name]
+    x = inputs(name)[0]
+    x = np.concatenate([x, x[:2]])  # duplicated rows: more pairs on the boundary
+
+    def grads(x, get):
+        g_same = jax.grad(lambda a: jnp.sum(kernel_fn(a, None, get)))(x)
+        g1 = jax.grad(lambda a: jnp.sum(kernel_fn(a, x, get)))(x)
+        g2 = jax.grad(lambda b: jnp.sum(kernel_fn(x, b, get)))(x)
+        return g_same, g1, g2
+
+    # The NTK's path contains the NNGP's; for the conv net one get keeps compile time low.
+    for get in ("nngp", "ntk") if name == "fc" else ("ntk",):
+        g_same, g1, g2 = jax.jit(grads, static_argnums=1)(x, get)
+        for g in (g_same, g1, g2):
+            assert np.all(np.isfinite(g)), get
+            assert np.max(np.abs(g)) > 0
+        # K(x1, x2) with x2 == x1 is symmetric, so the two partial gradients agree, and
+        # K(x, x) counts each pair twice as often as a one-sided derivative sees it.
+        np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(g_same, g1 + g2, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_matches_finite_differences_float64():
+    """d/dx sum K(x, x) (smooth: diagonal and distinct pairs) against central differences."""
+    with jax.enable_x64(True):
+        for name in ("fc", "conv"):
+            _, _, kernel_fn = NETS[name]
+            x = jnp.asarray(inputs(name)[0], jnp.float64)
+            d = jnp.asarray(np.random.default_rng(3).standard_normal(x.shape))
+            for get in ("nngp", "ntk") if name == "fc" else ("ntk",):
+                def f(a, get=get, kernel_fn=kernel_fn):
+                    return jnp.sum(kernel_fn(a, None, get))
+
+                eps = 1e-5
+                fd = (f(x + eps * d) - f(x - eps * d)) / (2 * eps)
+                ad = jnp.vdot(jax.jit(jax.grad(f))(x), d)
+                assert abs(float(fd - ad)) <= 1e-6 * max(1.0, abs(float(fd))), (get, fd, ad)
+
+
+def test_vmap_matches_loop():
+    _, _, kernel_fn = CONV
+    xs = np.random.default_rng(13).standard_normal((3, 2, 8, 8, 2)).astype(np.float32)
+    out = jax.vmap(lambda a: kernel_fn(a, Y_IMG, "ntk"))(xs)
+    assert out.shape == (3, 2, 3)
+    for i in range(3):
+        np.testing.assert_allclose(out[i], kernel_fn(xs[i], Y_IMG, "ntk"), rtol=1e-5)
+
+
+def test_kernel_is_symmetric_psd():
+    _, _, kernel_fn = CONV
+    x = np.concatenate([X_IMG, Y_IMG])
+    for get in ("nngp", "ntk"):
+        k = np.asarray(kernel_fn(x, None, get), np.float64)
+        np.testing.assert_allclose(k, k.T, rtol=1e-5)
+        assert np.linalg.eigvalsh(k).min() > -1e-5 * np.abs(k).max()
+        kxy = kernel_fn(X_IMG, Y_IMG, get)
+        np.testing.assert_allclose(kxy, k[:4, 4:], rtol=1e-5)
+
+
+def test_get_forms():
+    _, _, kernel_fn = FC
+    both = kernel_fn(X_VEC, Y_VEC)
+    assert type(both).__name__ == "Kernel" and both._fields == ("nngp", "ntk")
+    nngp = kernel_fn(X_VEC, Y_VEC, "nngp")
+    assert isinstance(nngp, jax.Array) and nngp.shape == (5, 4)
+    rev = kernel_fn(X_VEC, Y_VEC, ("ntk", "nngp"))
+    assert rev._fields == ("ntk", "nngp")
+    np.testing.assert_allclose(rev.ntk, both.ntk, rtol=1e-6)
+    np.testing.assert_allclose(rev[1], nngp, rtol=1e-6)
+    one = kernel_fn(X_VEC, Y_VEC, ("ntk",))
+    assert one._fields == ("ntk",)
+    assert type(one) is type(kernel_fn(X_VEC, None, ("ntk",)))  # one cached type per fields
+    np.testing.assert_array_equal(one.ntk, both.ntk)
+    assert not np.allclose(both.ntk, both.nngp)
+
+
+# --------------------------------------------------------------------------- storage plan
+
+
+def test_storage_plan_convnet_uses_narrow_bands():
+    """ConvNet-3 on 28x28 stores offsets |p - q| <= 7, 3, 1, 0 per block, not all pairs."""
+    layers = []
+    for _ in range(3):
+        layers += [stax.Conv(8, (3, 3), padding="SAME"), stax.Relu(),
+                   stax.AvgPool((2, 2), (2, 2))]
+    _, _, kernel_fn = stax.serial(*layers, stax.Flatten(), stax.Dense(1))
+    plan = stax._make_plan(kernel_fn._kipnb_layers, (2, 28, 28, 1), (2, 28, 28, 1))
+    radii = [tuple(None if d.full else d.r for d in dims) for dims in plan.dims]
+    assert radii[0] == (7, 7) and radii[3] == (3, 3) and radii[6] == (1, 1)
+    assert radii[9] == (0, 0) and radii[10] == ()
+    assert plan.entries() == 28 * 15 * 28 * 15  # vs 784 * 784 for the full covariance
+    _, _, gap = stax.serial(stax.Conv(8, (3, 3)), stax.Relu(), stax.GlobalAvgPool())
+    plan = stax._make_plan(gap._kipnb_layers, (1, 9, 9, 1), (1, 9, 9, 1))
+    assert all(d.full for dims in plan.dims for d in dims)
+
+
+def test_fast_arctan2_accuracy():
+    ys = np.concatenate([np.linspace(-3, 3, 301), [0.0, 1e-30, -1e-30, 1e30]])
+    xs = np.concatenate([np.linspace(-3, 3, 299), [0.0, 1e-30, -1e-30, 1e30]])
+    y, x = np.meshgrid(ys, xs)
+    for dtype, tol in ((np.float32, 4e-7), (np.float64, 5e-16)):
+        with jax.enable_x64(dtype == np.float64):
+            got = np.asarray(stax._safe_arctan2(jnp.asarray(y, dtype), jnp.asarray(x, dtype),
+                                                math.pi / 2))
+        ref = np.arctan2(y.astype(np.float64), x.astype(np.float64))
+        ref[(y == 0) & (x == 0)] = math.pi / 2
+        assert got.dtype == dtype
+        assert np.max(np.abs(got - ref)) <= tol * math.pi * 2
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@pytest.mark.parametrize("name", ["fc", "conv"])
+def test_batch_equals_unblocked(name):
+    _, _, kernel_fn = NETS[name]
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((7, 10) if name == "fc" else (7, 8, 8, 2)).astype(np.float32)
+    y = rng.standard_normal((5, 10) if name == "fc" else (5, 8, 8, 2)).astype(np.float32)
+    blocked = stax.batch(kernel_fn, 3)
+    full = kernel_fn(x, y, ("nngp", "ntk"))
+    part = blocked(x, y, ("nngp", "ntk"))
+    assert part._fields == ("nngp", "ntk") and part.ntk.shape == (7, 5)
+    np.testing.assert_allclose(part.nngp, full.nngp, rtol=2e-6)
+    np.testing.assert_allclose(part.ntk, full.ntk, rtol=2e-6)
+    np.testing.assert_allclose(blocked(x, None, "ntk"), kernel_fn(x, x, "ntk"), rtol=2e-6)
+    g_full, g_part = jax.jit(lambda b: (
+        jax.grad(lambda c: jnp.sum(kernel_fn(x, c, "ntk")))(b),
+        jax.grad(lambda c: jnp.sum(blocked(x, c, "ntk")))(b)))(y)
+    np.testing.assert_allclose(g_part, g_full, rtol=1e-5, atol=1e-7)
+
+
+def test_internal_chunking_does_not_change_values(monkeypatch):
+    """kernel_fn's cache-sized chunks (lax.map, remat) give the whole-batch values."""
+    results = []
+    with jax.enable_x64(True):
+        x, y = X_IMG.astype(np.float64), Y_IMG.astype(np.float64)
+        for block_bytes in (1, 2**40):  # one image / pair per chunk; no chunking
+            monkeypatch.setitem(stax._BLOCK_BYTES, "cpu", block_bytes)
+            _, _, kernel_fn = convnet(depth=2)  # fresh network: compiled per network
+            k = kernel_fn(x, y)
+            g = jax.jit(jax.grad(lambda a, kf=kernel_fn: jnp.sum(kf(a, y, "ntk"))))(x)
+            results.append((k.nngp, k.ntk, g))
+    for small, whole in zip(*results, strict=True):
+        assert rel_err(small, whole) < 1e-13
+
+
+def test_batch_size_zero_and_errors():
+    _, _, kernel_fn = FC
+    assert stax.batch(kernel_fn, 0) is kernel_fn  # neural-tangents' "no batching"
+    with pytest.raises(ValueError, match="positive number of rows"):
+        stax.batch(kernel_fn, -2)
+    with pytest.raises(ValueError, match="Unknown kernel get='cov2'"):
+        stax.batch(kernel_fn, 2)(X_VEC, Y_VEC, "cov2")
+
+
+def test_batch_identical_in_float64():
+    with jax.enable_x64(True):
+        _, _, kernel_fn = CONV
+        x, y = X_IMG.astype(np.float64), Y_IMG.astype(np.float64)
+        assert rel_err(stax.batch(kernel_fn, 2)(x, y, "ntk"), kernel_fn(x, y, "ntk")) < 1e-13
+
+
+def test_batch_memory_is_bounded_for_60000_images():
+    """60000 training images against a support set: compiled temp memory stays small."""
+    _, _, kernel_fn = CONV
+    blocked = stax.batch(kernel_fn, 1000)
+    x1 = jax.ShapeDtypeStruct((60000, 8, 8, 2), jnp.float32)
+    x2 = jax.ShapeDtypeStruct((100, 8, 8, 2), jnp.float32)
+    mem = jax.jit(lambda a, b: blocked(a, b, "ntk")).lower(x1, x2).compile().memory_analysis()
+    plan = stax._make_plan(kernel_fn._kipnb_layers, x1.shape, x2.shape)
+    all_at_once = 60000 * 100 * plan.entries() * 4  # one covariance array, ~17 GB
+    assert mem.temp_size_in_bytes < 0.01 * all_at_once
+    assert mem.temp_size_in_bytes < 256 * 2**20
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_error_conv_on_vectors():
+    _, _, kernel_fn = CONV
+    with pytest.raises(ValueError, match=r"expects 4-D inputs NHWC.*got 2-D.*x\.reshape"):
+        kernel_fn(X_VEC)
+
+
+def test_error_dense_on_images_without_flatten():
+    _, _, kernel_fn = stax.serial(stax.Conv(4, (3, 3)), stax.Relu(), stax.Dense(1))
+    with pytest.raises(ValueError, match=r"layer 2 \(Dense\) expects 2-D inputs.*got 4-D.*"
+                                         r"Flatten\(\) or GlobalAvgPool\(\)"):
+        kernel_fn(X_IMG)
+    _, apply_fn, _ = stax.Dense(3)
+    with pytest.raises(ValueError, match="Flatten"):
+        apply_fn((jnp.ones((2, 3)), None), X_IMG)
+
+
+def test_error_feature_mismatch():
+    _, _, kernel_fn = CONV
+    with pytest.raises(ValueError, match=r"x1 and x2 must agree.*channel/feature"):
+        kernel_fn(X_IMG, X_IMG[..., :1])
+    _, _, kernel_fn = FC
+    with pytest.raises(ValueError, match=r"x1\.shape=\(5, 10\) and x2\.shape=\(4, 9\)"):
+        kernel_fn(X_VEC, Y_VEC[:, :9])
+
+
+def test_error_unknown_get():
+    _, _, kernel_fn = FC
+    with pytest.raises(ValueError, match=r"Unknown kernel get='cov1'.*'nngp' and 'ntk'"):
+        kernel_fn(X_VEC, None, "cov1")
+    with pytest.raises(ValueError, match=r"Unknown kernel get='NTK'"):
+        kernel_fn(X_VEC, None, ("nngp", "NTK"))
+    with pytest.raises(ValueError, match="not understood"):
+        kernel_fn(X_VEC, None, 3)
+    with pytest.raises(ValueError, match="names a kernel twice"):
+        kernel_fn(X_VEC, None, ("ntk", "ntk"))
+
+
+def test_error_pool_window_larger_than_image():
+    _, _, kernel_fn = stax.serial(stax.Conv(4, (3, 3), padding="SAME"), stax.Relu(),
+                                  stax.AvgPool((2, 2), (2, 2)), stax.AvgPool((8, 8)),
+                                  stax.Flatten())
+    with pytest.raises(ValueError, match=r"layer 3 \(AvgPool\).*window \(8, 8\) is larger "
+                                         r"than the 4x4 image.*smaller window"):
+        kernel_fn(X_IMG)
+
+
+def test_error_conv_filter_larger_than_valid_image():
+    _, _, kernel_fn = stax.serial(stax.Conv(4, (5, 5)), stax.Relu(), stax.Conv(4, (5, 5)))
+    with pytest.raises(ValueError, match=r"layer 2 \(Conv\).*filter \(5, 5\) is larger than "
+                                         r"the 4x4 input with padding='VALID'.*'SAME'"):
+        kernel_fn(X_IMG)
+
+
+def test_error_nonlinearity_needs_gaussian_input():
+    _, _, kernel_fn = stax.serial(stax.Relu(), stax.Dense(1))
+    with pytest.raises(ValueError, match=r"nonlinearity must be Gaussian.*Dense/Conv before"):
+        kernel_fn(X_VEC)
+
+
+def test_error_rank_and_unsupported_options():
+    _, _, kernel_fn = FC
+    with pytest.raises(ValueError, match="at least 2-D"):
+        kernel_fn(np.ones(10, np.float32))
+    with pytest.raises(ValueError, match="CIRCULAR"):
+        stax.Conv(4, (3, 3), padding="CIRCULAR")
+    with pytest.raises(ValueError, match="parameterization='mup' is not supported"):
+        stax.Dense(4, parameterization="mup")
+    with pytest.raises(ValueError, match="channels-last"):
+        stax.Dense(4, channel_axis=0)
+    with pytest.raises(ValueError, match="not a kipnb.stax layer"):
+        stax.serial((lambda *a: None, lambda *a: None, lambda *a: None))
+    with pytest.raises(ValueError, match=r"strides=\(1,\) must have 2 entries"):
+        stax.Conv(4, (3, 3), strides=(1,))
