@@ -172,9 +172,7 @@ DATASETS: dict[str, DatasetSpec] = {
         name="fashion_mnist",
         title="Fashion-MNIST",
         fmt="idx",
-        files={
-            k: FileSpec(f, (_FASHION_URL + f,), *_FASHION_SHA[k]) for k, f in _IDX_KEYS.items()
-        },
+        files={k: FileSpec(f, (_FASHION_URL + f,), *_FASHION_SHA[k]) for k, f in _IDX_KEYS.items()},
         class_names=FASHION_CLASSES,
         system_dirs=(SYSTEM_FASHION_MNIST_DIR,),
         apt_package="dataset-fashion-mnist",

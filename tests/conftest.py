@@ -66,27 +66,35 @@ def cifar_members(kind: str, n_per_batch: int = 4, seed: int = 0) -> dict[str, b
     if kind == "cifar10":
         members = {}
         for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
-            members[name] = _pickle({
-                b"batch_label": name.encode(),
-                b"labels": [int(v) for v in (np.arange(n_per_batch) + i) % 10],
-                b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-            })
-        members["batches.meta"] = _pickle({
-            b"label_names": [f"class{i}".encode() for i in range(10)],
-            b"num_vis": 3072,
-        })
+            members[name] = _pickle(
+                {
+                    b"batch_label": name.encode(),
+                    b"labels": [int(v) for v in (np.arange(n_per_batch) + i) % 10],
+                    b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                }
+            )
+        members["batches.meta"] = _pickle(
+            {
+                b"label_names": [f"class{i}".encode() for i in range(10)],
+                b"num_vis": 3072,
+            }
+        )
         return members
     members = {}
     for name, n in (("train", 5 * n_per_batch), ("test", n_per_batch)):
-        members[name] = _pickle({
-            b"fine_labels": [int(v) for v in np.arange(n) % 100],
-            b"coarse_labels": [int(v) for v in np.arange(n) % 20],
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-        })
-    members["meta"] = _pickle({
-        b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-        b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
-    })
+        members[name] = _pickle(
+            {
+                b"fine_labels": [int(v) for v in np.arange(n) % 100],
+                b"coarse_labels": [int(v) for v in np.arange(n) % 20],
+                b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            }
+        )
+    members["meta"] = _pickle(
+        {
+            b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+        }
+    )
     return members
 
 
@@ -100,7 +108,9 @@ def write_cifar(directory: Path, kind: str = "cifar10", extracted: bool = False,
         for name, b in members.items():
             (directory / folder / name).write_bytes(b)
         return directory / folder
-    path = directory / ("cifar-10-python.tar.gz" if kind == "cifar10" else "cifar-100-python.tar.gz")
+    path = directory / (
+        "cifar-10-python.tar.gz" if kind == "cifar10" else "cifar-100-python.tar.gz"
+    )
     with tarfile.open(path, "w:gz") as tar:
         for name, b in members.items():
             info = tarfile.TarInfo(f"{folder}/{name}")

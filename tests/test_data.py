@@ -31,7 +31,9 @@ def test_idx_load_roundtrip(tmp_path, gz):
     assert ds.images.shape == (30, 28, 28, 1) and ds.images.dtype == np.float32
     assert ds.labels.dtype == np.int32
     np.testing.assert_array_equal(ds.labels, arrays["train-labels-idx1-ubyte"])
-    np.testing.assert_allclose(ds.images[..., 0] * 255, arrays["train-images-idx3-ubyte"], atol=1e-4)
+    np.testing.assert_allclose(
+        ds.images[..., 0] * 255, arrays["train-images-idx3-ubyte"], atol=1e-4
+    )
     assert 0.0 <= ds.images.min() and ds.images.max() <= 1.0
     test = data.load("mnist", "test", tmp_path, verify=False, download=False)
     assert len(test) == 20 and test.class_names == tuple(str(i) for i in range(10))
@@ -234,7 +236,9 @@ def _spec_for(monkeypatch, name, payloads, wrong=()):
     files = {
         k: dataclasses.replace(
             fs,
-            sha256=("0" * 64 if fs.name in wrong else hashlib.sha256(payloads[fs.name]).hexdigest()),
+            sha256=(
+                "0" * 64 if fs.name in wrong else hashlib.sha256(payloads[fs.name]).hexdigest()
+            ),
         )
         for k, fs in spec.files.items()
     }

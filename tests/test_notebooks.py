@@ -27,9 +27,43 @@ def check_00(r):
     assert r["machine"]["jax"]
 
 
+def check_01(r):
+    err = r["ntk_relative_error_by_width"]
+    assert err["512"] < err["32"] / 2, err  # finite networks approach the NTK as they widen
+    assert err["512"] < 0.25
+    fc = {row["ipc"]: row for row in r["krr"]["fc"]}
+    assert fc[10]["ntk"] > 0.85 and fc[10]["nngp"] > 0.85  # digits, 100 training images
+    assert fc[10]["ntk"] > fc[1]["ntk"] + 0.1
+    assert r["krr"]["conv"][0]["ntk"] > 0.3  # 10 images, 10 classes: well above chance
+
+
+def check_02(r):
+    rows = {row["ipc"]: row for row in r["rows"]}
+    for ipc in (1, 5):
+        assert rows[ipc]["ls_acc"] > rows[ipc]["one_hot_acc"] + 0.03, rows  # LS beats one-hot
+    assert rows[5]["ls_acc"] > 0.9
+    assert r["solved_label_own_class_mean"] > 0.2
+
+
 # Tiny parameters per notebook (keys: notebook stems) and the checks on its results.
 TINY = {
     "00_datasets": ({"DATASET": "digits", "IPC_SHOW": 2, "N_FIT": None}, check_00),
+    "01_kernels_and_krr": (
+        {
+            "DATASET": "digits",
+            "IPCS_FC": [1, 10],
+            "IPCS_CONV": [1],
+            "N_TEST": 300,
+            "N_TEST_CONV": 100,
+            "WIDTHS": [32, 512],
+            "N_NETS": 2,
+        },
+        check_01,
+    ),
+    "02_label_solve": (
+        {"DATASET": "digits", "IPCS": [1, 5], "N_TARGETS": None, "N_TEST": None},
+        check_02,
+    ),
 }
 
 
@@ -43,7 +77,9 @@ def test_committed_clean_with_required_cells(nb):
     cells = json.loads(nb.read_text())["cells"]
     code = [c for c in cells if c["cell_type"] == "code"]
     with_outputs = [i for i, c in enumerate(cells) if c.get("outputs")]
-    assert not with_outputs, f"{nb.name} is committed with outputs in cells {with_outputs}: strip them"
+    assert not with_outputs, (
+        f"{nb.name} is committed with outputs in cells {with_outputs}: strip them"
+    )
     assert all(c.get("execution_count") is None for c in code), f"{nb.name}: execution counts"
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{nb.name} needs exactly one cell tagged 'parameters'"

@@ -13,7 +13,9 @@ def correlated_images(n, seed=0, shape=(6, 6, 2)):
     """Full-rank, strongly correlated data shaped as images."""
     rng = np.random.default_rng(seed)
     d = int(np.prod(shape))
-    mix = rng.normal(size=(d, d)) * np.exp(-np.arange(d) / 30.0)  # decaying spectrum, well conditioned
+    mix = rng.normal(size=(d, d)) * np.exp(
+        -np.arange(d) / 30.0
+    )  # decaying spectrum, well conditioned
     return (rng.normal(size=(n, d)) @ mix.T + 3.0).reshape(n, *shape).astype(np.float32)
 
 
@@ -90,9 +92,9 @@ def test_pipeline_recipe_roundtrip():
         "steps": [{"kind": "layernorm"}, {"kind": "zca", "reg": 0.05, "relative": True}],
     }
     np.testing.assert_allclose(
-        preprocess.make("standardize_zca").fit(x).invert(
-            preprocess.make("standardize_zca").fit(x).apply(x[:5])
-        ),
+        preprocess.make("standardize_zca")
+        .fit(x)
+        .invert(preprocess.make("standardize_zca").fit(x).apply(x[:5])),
         x[:5],
         atol=1e-3,
     )

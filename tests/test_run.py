@@ -13,7 +13,11 @@ from kipnb.run import RunError
 
 def write_nb(path, params: str, body: str, tag=True):
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     p = nbformat.v4.new_code_cell(params)
     if tag:
         p.metadata["tags"] = ["parameters"]
@@ -77,7 +81,9 @@ def test_failure_names_notebook_and_cell(nbdir, tmp_path, capsys):
     assert "02_bad.ipynb FAILED" in out and "ZeroDivisionError: division by zero" in out
     assert "in: y = 1 / X" in out and "cell" in out
     assert "1 not run (use --keep-going)" in out  # stops at the first failure
-    code = run.main(["--notebook-dir", str(nbdir), "-o", str(tmp_path / "o"), "--keep-going", "02", "00"])
+    code = run.main(
+        ["--notebook-dir", str(nbdir), "-o", str(tmp_path / "o"), "--keep-going", "02", "00"]
+    )
     assert code == 1 and "1 ok, 1 failed" in capsys.readouterr().out
 
 
@@ -95,7 +101,9 @@ def test_parameter_errors(nbdir, tmp_path, capsys):
     assert "has no cell tagged 'parameters'" in capsys.readouterr().err
     pfile = tmp_path / "p.yaml"
     pfile.write_text("00_first:\n  Y: 3\n")
-    assert run.main(["--notebook-dir", str(nbdir), "-o", str(tmp_path), "-f", str(pfile), "00"]) == 2
+    assert (
+        run.main(["--notebook-dir", str(nbdir), "-o", str(tmp_path), "-f", str(pfile), "00"]) == 2
+    )
     assert "00_first.ipynb does not declare ['Y']" in capsys.readouterr().err
 
 
