@@ -906,10 +906,10 @@ class _AvgPool(_Layer):
     def apply(self, params, x):
         dims = (1,) + self.window + (1,)
         strides = (1,) + self.strides + (1,)
-        out = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, dims, strides, self.padding)
+        out = lax.reduce_window(x, np.zeros((), x.dtype), lax.add, dims, strides, self.padding)
         if self.normalize_edges and self.padding == "SAME":
             ones = jnp.ones((1, *x.shape[1:-1], 1), x.dtype)
-            counts = lax.reduce_window(ones, jnp.zeros((), x.dtype), lax.add, dims, strides,
+            counts = lax.reduce_window(ones, np.zeros((), x.dtype), lax.add, dims, strides,
                                        self.padding)
             return out / counts
         return out / math.prod(self.window)
@@ -1175,10 +1175,21 @@ def _cross_pass(layers, plan: _Plan, x1, x2, var1: dict, var2: dict, compute_ntk
 def _kernel_fn_for(layers: tuple[_Layer, ...]):
     """The ``kernel_fn(x1, x2=None, get=None)`` of a chain of layers."""
 
+    full_layers = layers
+    # A leading Flatten of the raw input: flatten the images first, so the input
+    # covariance is one (N1, D) x (D, N2) matmul (``sum / D``, the same value) instead
+    # of per-pixel products that are summed afterwards (FC kernels on images: ~100x less
+    # memory traffic, and far faster gradients).
+    lead_flatten = bool(layers) and isinstance(layers[0], _Flatten)
+    if lead_flatten:
+        layers = layers[1:]
+
     @functools.partial(jax.jit, static_argnames=("fields",))
     def core(x1, x2, fields):
         same = x2 is None
         x2 = x1 if same else x2
+        if lead_flatten:
+            x1, x2 = x1.reshape(x1.shape[0], -1), x2.reshape(x2.shape[0], -1)
         plan = _make_plan(layers, x1.shape, x2.shape)
         dtype = jnp.result_type(x1.dtype, x2.dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -1200,7 +1211,7 @@ def _kernel_fn_for(layers: tuple[_Layer, ...]):
         x1 = jnp.asarray(x1)
         x2 = None if x2 is None else jnp.asarray(x2)
         # Shape errors are raised here, before tracing, with the shapes the user passed.
-        _make_plan(layers, x1.shape, x1.shape if x2 is None else x2.shape)
+        _make_plan(full_layers, x1.shape, x1.shape if x2 is None else x2.shape)
         out = core(x1, x2, fields)
         if single:
             return out[0]

@@ -496,3 +496,31 @@ def test_error_rank_and_unsupported_options():
         stax.serial((lambda *a: None, lambda *a: None, lambda *a: None))
     with pytest.raises(ValueError, match=r"strides=\(1,\) must have 2 entries"):
         stax.Conv(4, (3, 3), strides=(1,))
+
+
+def test_leading_flatten_of_images_equals_kernel_of_flat_vectors():
+    """The fast path (flatten raw images, one matmul) gives the (N, D) kernel and grads."""
+    _, _, kf = stax.serial(stax.Flatten(), stax.Dense(64, W_std=1.5, b_std=0.1), stax.Relu(),
+                           stax.Dense(1))
+    rng = np.random.default_rng(0)
+    x1 = rng.normal(size=(5, 6, 6, 2)).astype(np.float32)
+    x2 = rng.normal(size=(4, 6, 6, 2)).astype(np.float32)
+    for get in ("nngp", "ntk"):
+        img = np.asarray(kf(x1, x2, get))
+        flat = np.asarray(kf(x1.reshape(5, -1), x2.reshape(4, -1), get))
+        np.testing.assert_allclose(img, flat, rtol=1e-6)
+    g_img = jax.grad(lambda a: kf(a, x2, "ntk").sum())(jnp.asarray(x1))
+    g_flat = jax.grad(lambda a: kf(a, x2.reshape(4, -1), "ntk").sum())(jnp.asarray(x1.reshape(5, -1)))
+    np.testing.assert_allclose(np.asarray(g_img).reshape(5, -1), np.asarray(g_flat), rtol=1e-5)
+
+
+def test_finite_net_with_avgpool_is_differentiable_under_jit():
+    init_fn, apply_fn, _ = stax.serial(stax.Conv(4, (3, 3), padding="SAME"), stax.Relu(),
+                                       stax.AvgPool((2, 2), strides=(2, 2), padding="SAME",
+                                                    normalize_edges=True), stax.Flatten(),
+                                       stax.Dense(3))
+    _, params = init_fn(jax.random.key(0), (-1, 5, 5, 1))
+    x = jnp.ones((2, 5, 5, 1))
+    g = jax.jit(jax.grad(lambda p: jnp.sum(apply_fn(p, x) ** 2)))(params)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(g))
+    assert float(sum(jnp.abs(leaf).sum() for leaf in jax.tree_util.tree_leaves(g))) > 0

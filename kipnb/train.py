@@ -1,0 +1,626 @@
+"""Transfer: train finite networks on a (distilled) support set and measure test accuracy.
+
+A distilled set is made for one learner -- in KIP and Label Solve, kernel ridge
+regression (KRR) with the infinite-width NTK of an architecture -- but the KIP papers
+(Nguyen, Chen, Lee 2021; Nguyen, Novak, Xiao, Lee 2021) also ask whether it
+*transfers*: does an ordinary finite-width network, trained by gradient descent on
+those few images and their (possibly learned) labels, do well on the real test set?
+
+:func:`train_network` trains one network and :func:`transfer` repeats that over seeds
+(initializations, and minibatch orders when there are minibatches) and reports the
+mean and standard deviation of the final test accuracies.
+
+The networks are the *same* ``kipnb.archs`` networks whose infinite-width limit is
+the kernel KIP uses: NTK parameterization (standard normal weights, scaled by
+``W_std / sqrt(fan_in)`` in the forward pass), ``W_std = sqrt(2)``, ``b_std = 0.1``,
+ReLU. Only the width is finite, so transfer is a clean test of "kernel -> network".
+
+Defaults (:class:`TrainConfig`) and why
+---------------------------------------
+* ``loss='mse'``, ``center=True``: the network is trained to regress its *centered*
+  output ``f(theta, x) - f(theta_0, x)`` onto the labels as given (centered one-hot,
+  or real-valued labels learned by KIP / Label Solve), with
+  ``loss = 0.5 * mean_i sum_c (out_c(x_i) - y_ic)^2``. Trained by gradient descent,
+  this centered network tends, as the width grows, to exactly the NTK KRR that KIP
+  distils for (ridge 0). Without centering the random initial function
+  ``f(theta_0, x)`` -- of variance ``K_nngp(x, x)``, about 2 for standardized inputs
+  -- stays in the predictions as noise as large as the labels: on digits with 10
+  images per class an FC-3 of width 1024 reaches 0.93 test accuracy centered (KRR
+  with its NTK: 0.93) but only 0.58-0.66 uncentered. ``center=False`` trains the
+  plain network ``f(theta, x)``; ConvNets suffer less (pooling averages the noise).
+  A centered network keeps its initial parameters (``init_params`` in the result).
+* ``loss='xent'`` is softmax cross-entropy on the hard labels ``argmax(y)``; with
+  ``soft_xent=True`` the label rows themselves are the target distributions (they must
+  be non-negative and sum to 1). Learned real-valued labels need ``'mse'``.
+* ``optimizer='adam'``, ``learning_rate=1e-3``, ``steps=1000``: in the NTK
+  parameterization a weight moves the output by ``~W_std / sqrt(fan_in)``, and
+  Adam's steps of about ``learning_rate`` per weight fit 10-100 support images (loss
+  below 1e-3) within 1000 steps without diverging, for FC and ConvNet, at any width.
+  ``'sgd'`` (momentum 0.9) needs learning rates around 0.1-1 in this
+  parameterization; on standardized digits a width-256 FC-3 diverges at 2.
+* ``batch_size=None``: full-batch steps, the usual case for distilled sets of at most a
+  few hundred images. With a ``batch_size``, each step draws that many distinct
+  support images at random.
+* ``width=None``/``depth=None``: the architecture's defaults (FC: depth 3, width 1024;
+  ConvNet: depth 3, width 128), i.e. the depth of the kernels KIP distils with. Use the
+  depth of the kernel the set was distilled with; on CPU, smaller widths are quicker.
+* Only the *final* test accuracy is reported (no model selection on the test set);
+  ``eval_every`` records a curve in ``history`` for plots.
+
+Inputs are NHWC images ``(N, H, W, C)`` preprocessed exactly as the support set was
+(fit the preprocessing on the training split, apply it to the test split). Training
+runs in float32 even when ``jax_enable_x64`` is on. Each step is one jit-compiled
+function, dispatched asynchronously from a Python loop; the host waits for the device
+every 100 steps (NaN check, progress bar). (A ``lax.scan`` over steps is ~25x slower
+for ConvNets on CPU: XLA's CPU convolutions inside loops are slow.) The compiled code
+is cached per configuration and input shapes, so the seeds of :func:`transfer`
+compile once. The test set is evaluated in blocks of ``eval_batch_size`` images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kipnb import archs, krr
+from kipnb.distilled import DistilledSet
+
+__all__ = ["ARCH_DEFAULTS", "LOSSES", "OPTIMIZERS", "TrainConfig", "train_network", "transfer"]
+
+#: Width and depth used when :class:`TrainConfig` leaves them as None.
+ARCH_DEFAULTS = {"fc": {"width": 1024, "depth": 3}, "conv": {"width": 128, "depth": 3}}
+LOSSES = ("mse", "xent")
+OPTIMIZERS = ("adam", "sgd")
+
+#: Steps between NaN checks and progress-bar updates (the host waits for the device only
+#: then).
+_CHUNK = 100
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_pos_real(v) -> bool:
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and (
+        math.isfinite(float(v)) and float(v) > 0
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train the finite networks of a transfer experiment (see the module docstring).
+
+    Attributes:
+      arch: ``'fc'`` or ``'conv'`` (``kipnb.archs``).
+      width: hidden width (FC units / conv channels); None: 1024 for fc, 128 for conv.
+      depth: number of hidden layers / conv blocks; None: 3.
+      loss: ``'mse'`` (regress onto the labels as given) or ``'xent'`` (softmax
+        cross-entropy on ``argmax`` of the labels, or on the label rows themselves as
+        probabilities when ``soft_xent=True``).
+      center: train and evaluate ``f(theta, x) - f(theta_0, x)`` (the initial network's
+        output subtracted), whose wide limit is NTK regression; False: the plain network.
+      soft_xent: with ``loss='xent'``, use the label rows as target distributions.
+      optimizer: ``'adam'`` or ``'sgd'`` (with ``momentum``).
+      learning_rate: step size (constant).
+      momentum: heavy-ball momentum of ``'sgd'``.
+      steps: number of optimizer steps.
+      batch_size: support images per step; None (or >= the support size): full batch.
+      weight_decay: L2 weight decay on all parameters (decoupled, AdamW-style, for adam;
+        added to the gradient for sgd).
+      seeds: one network per seed in :func:`transfer`.
+      eval_every: also evaluate every this many steps (and at step 0) into ``history``;
+        None: only at the end.
+      eval_batch_size: test images per evaluation block (bounds memory).
+    """
+
+    arch: str = "fc"
+    width: int | None = None
+    depth: int | None = None
+    loss: str = "mse"
+    center: bool = True
+    soft_xent: bool = False
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    steps: int = 1000
+    batch_size: int | None = None
+    weight_decay: float = 0.0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_every: int | None = None
+    eval_batch_size: int = 500
+
+    def __post_init__(self):
+        if self.arch not in ARCH_DEFAULTS:
+            raise ValueError(
+                f"Unknown arch {self.arch!r}: use one of {sorted(ARCH_DEFAULTS)}."
+            )
+        if self.width is not None and not (_is_int(self.width) and self.width >= 1):
+            raise ValueError(f"width must be a positive integer or None, got {self.width!r}.")
+        min_depth = 1 if self.arch == "conv" else 0
+        if self.depth is not None and not (_is_int(self.depth) and self.depth >= min_depth):
+            raise ValueError(
+                f"depth must be an integer >= {min_depth} for arch {self.arch!r} or None, "
+                f"got {self.depth!r}."
+            )
+        if self.loss not in LOSSES:
+            raise ValueError(f"Unknown loss {self.loss!r}: use one of {list(LOSSES)}.")
+        if not isinstance(self.center, bool):
+            raise ValueError(f"center must be True or False, got {self.center!r}.")
+        if not isinstance(self.soft_xent, bool):
+            raise ValueError(f"soft_xent must be True or False, got {self.soft_xent!r}.")
+        if self.soft_xent and self.loss != "xent":
+            raise ValueError(
+                "soft_xent=True only applies to loss='xent'; loss='mse' already regresses "
+                "onto the labels as given. Set loss='xent' or soft_xent=False."
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"Unknown optimizer {self.optimizer!r}: use one of {list(OPTIMIZERS)}."
+            )
+        if not _is_pos_real(self.learning_rate):
+            raise ValueError(
+                f"learning_rate must be a positive finite number, got {self.learning_rate!r}."
+            )
+        if not (isinstance(self.momentum, int | float) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}.")
+        if not (_is_int(self.steps) and self.steps >= 1):
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}.")
+        if self.batch_size is not None and not (_is_int(self.batch_size) and self.batch_size >= 1):
+            raise ValueError(
+                f"batch_size must be a positive integer or None (full batch), "
+                f"got {self.batch_size!r}."
+            )
+        if not (
+            isinstance(self.weight_decay, int | float)
+            and math.isfinite(self.weight_decay)
+            and self.weight_decay >= 0
+        ):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        seeds = self.seeds
+        if _is_int(seeds) or not isinstance(seeds, tuple | list) or not seeds or not all(
+            _is_int(s) for s in seeds
+        ):
+            raise ValueError(
+                f"seeds must be a non-empty tuple of integers such as (0, 1, 2), got {seeds!r}."
+            )
+        object.__setattr__(self, "seeds", tuple(int(s) for s in seeds))
+        if self.eval_every is not None and not (_is_int(self.eval_every) and self.eval_every >= 1):
+            raise ValueError(
+                f"eval_every must be a positive integer or None (evaluate only at the end), "
+                f"got {self.eval_every!r}."
+            )
+        if not (_is_int(self.eval_batch_size) and self.eval_batch_size >= 1):
+            raise ValueError(
+                f"eval_batch_size must be a positive integer, got {self.eval_batch_size!r}."
+            )
+
+    @property
+    def resolved_width(self) -> int:
+        return self.width if self.width is not None else ARCH_DEFAULTS[self.arch]["width"]
+
+    @property
+    def resolved_depth(self) -> int:
+        return self.depth if self.depth is not None else ARCH_DEFAULTS[self.arch]["depth"]
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _nonfinite_message(a: np.ndarray, name: str, fix: str) -> str | None:
+    if np.isfinite(a).all():
+        return None
+    n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    rows = np.flatnonzero(~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1))
+    return (
+        f"{name} has {n_nan} NaN and {n_inf} Inf entries (rows {rows[:5].tolist()}"
+        f"{'...' if rows.size > 5 else ''}). {fix}"
+    )
+
+
+_FIX_SUPPORT = (
+    "Non-finite support images or labels usually mean the distillation diverged: rerun it "
+    "with a lower learning rate, or drop those rows."
+)
+
+
+def _check_images(x, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(
+            f"{name} must be NHWC images (N, H, W, C); got shape {x.shape}. Add a channel "
+            f"axis (x[..., None]) for grayscale or reshape flat vectors to (N, H, W, C)."
+        )
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"{name} must be real numbers, got dtype {x.dtype}.")
+    return x
+
+
+def _as_targets(y, num_classes: int | None) -> np.ndarray:
+    """(n, C) float targets: 2-D labels as given, 1-D integers as centered one-hot."""
+    y = np.asarray(y)
+    if y.ndim == 1:
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(
+                f"1-D support labels must be integer classes, got dtype {y.dtype}; pass "
+                f"(n, C) label vectors for real-valued labels."
+            )
+        if num_classes is None:
+            num_classes = int(y.max()) + 1 if y.size else 1
+        return np.asarray(krr.one_hot_targets(y, num_classes, centered=True), dtype=np.float32)
+    if y.ndim != 2:
+        raise ValueError(
+            f"support labels must be (n, C) label vectors or (n,) integer classes, got shape "
+            f"{y.shape}."
+        )
+    return y
+
+
+def _test_classes(labels_test, n_test: int, num_classes: int) -> np.ndarray:
+    lab = np.asarray(labels_test)
+    if lab.ndim == 2:
+        if lab.shape[1] != num_classes:
+            raise ValueError(
+                f"labels_test has {lab.shape[1]} columns but the support labels have "
+                f"{num_classes} classes."
+            )
+        lab = lab.argmax(axis=1)
+    elif lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(
+            f"labels_test must be (n,) integer classes or (n, C) label vectors, got shape "
+            f"{lab.shape} and dtype {lab.dtype}."
+        )
+    if lab.shape[0] != n_test:
+        raise ValueError(
+            f"labels_test has {lab.shape[0]} rows but x_test has {n_test} images: pass the "
+            f"labels of the same test images."
+        )
+    if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
+        raise ValueError(
+            f"labels_test span [{lab.min()}, {lab.max()}] but the support labels have "
+            f"{num_classes} columns (classes): give the support labels one column per class."
+        )
+    return lab.astype(np.int32)
+
+
+def _validate(config, x_train, y_train, x_test, labels_test):
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}.")
+    x_train = _check_images(x_train, "x_train (support images)")
+    x_test = _check_images(x_test, "x_test")
+    if x_train.shape[0] == 0:
+        raise ValueError("The support set is empty: pass at least one image.")
+    lab = np.asarray(labels_test)
+    n_classes_hint = None
+    if np.asarray(y_train).ndim == 1 and np.asarray(y_train).size and lab.ndim == 1 and lab.size:
+        n_classes_hint = int(max(np.asarray(y_train).max(), lab.max())) + 1
+    y_train = _as_targets(y_train, n_classes_hint)
+    if y_train.shape[0] != x_train.shape[0]:
+        raise ValueError(
+            f"The support set has {x_train.shape[0]} images but {y_train.shape[0]} label "
+            f"rows: labels must have one row per image (same order)."
+        )
+    if x_test.shape[0] == 0:
+        raise ValueError("x_test is empty: pass at least one test image.")
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise ValueError(
+            f"Test images have shape {x_test.shape[1:]} but support images {x_train.shape[1:]}: "
+            f"preprocess the test split exactly like the support set (same dataset, same "
+            f"fitted transform)."
+        )
+    if not np.issubdtype(y_train.dtype, np.number):
+        raise ValueError(f"support labels must be numbers, got dtype {y_train.dtype}.")
+    for a, name in ((x_train, "x_train (support images)"), (y_train, "y_train (support labels)")):
+        msg = _nonfinite_message(a, name, _FIX_SUPPORT)
+        if msg:
+            raise ValueError(msg)
+    msg = _nonfinite_message(
+        x_test, "x_test", "Check the test data and its preprocessing (e.g. a zero std)."
+    )
+    if msg:
+        raise ValueError(msg)
+    num_classes = y_train.shape[1]
+    if config.loss == "xent" and config.soft_xent:
+        if (y_train < 0).any() or not np.allclose(y_train.sum(axis=1), 1.0, atol=1e-3):
+            raise ValueError(
+                "soft_xent=True needs label rows that are probability distributions "
+                "(non-negative, summing to 1); these are not (e.g. centered or learned "
+                "labels). Use loss='mse' for real-valued labels, or soft_xent=False to train "
+                "on argmax(labels)."
+            )
+    labels = _test_classes(labels_test, x_test.shape[0], num_classes)
+    return x_train, y_train.astype(np.float32), x_test, labels
+
+
+# ---------------------------------------------------------------------- the trainer
+
+
+def _loss_fn(kind: str, soft: bool):
+    def loss(out, y):
+        if kind == "mse":
+            return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
+        if soft:
+            return jnp.mean(optax.softmax_cross_entropy(out, y))
+        return jnp.mean(
+            optax.softmax_cross_entropy_with_integer_labels(out, jnp.argmax(y, axis=-1))
+        )
+
+    return loss
+
+
+def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    lr, wd = config.learning_rate, config.weight_decay
+    if config.optimizer == "adam":
+        return optax.adamw(lr, weight_decay=wd) if wd else optax.adam(lr)
+    sgd = optax.sgd(lr, momentum=config.momentum or None)
+    return optax.chain(optax.add_decayed_weights(wd), sgd) if wd else sgd
+
+
+@dataclass(frozen=True, eq=False)
+class _Trainer:
+    init_fn: Any
+    opt: Any
+    net: Any  # jitted (params, x) -> outputs
+    step: Any  # jitted (params, opt_state, x, y, f0, key, i) -> params, opt_state, loss
+    loss: Any  # jitted (params, x, y, f0) -> loss
+    predict: Any  # jitted (params, params0, xb) -> argmax classes (centered if configured)
+
+
+@functools.lru_cache(maxsize=16)
+def _trainer(config: TrainConfig, num_classes: int) -> _Trainer:
+    """Network, optimizer and jitted functions for ``config`` (seeds and eval ignored).
+
+    Cached so that the seeds of :func:`transfer` (and repeated calls) reuse the compiled
+    code; jit compiles once per input shape.
+    """
+    init_fn, apply_fn, _ = archs.get(
+        config.arch,
+        depth=config.resolved_depth,
+        width=config.resolved_width,
+        num_classes=num_classes,
+    )
+    opt = _optimizer(config)
+    loss_of = _loss_fn(config.loss, config.soft_xent)
+    batch_size = config.batch_size
+
+    def net(params, x):
+        return apply_fn(params, x)
+
+    def objective(params, x, y, f0):
+        # f0: the initial network's outputs on x when centering, else zeros.
+        return loss_of(net(params, x) - f0, y)
+
+    @jax.jit
+    def step(params, opt_state, x, y, f0, key, i):
+        n = x.shape[0]
+        if batch_size is not None and batch_size < n:
+            idx = jax.random.choice(jax.random.fold_in(key, i), n, (batch_size,), replace=False)
+            x, y, f0 = x[idx], y[idx], f0[idx]
+        value, grads = jax.value_and_grad(objective)(params, x, y, f0)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    @jax.jit
+    def predict(params, params0, xb):
+        out = net(params, xb)
+        if config.center:
+            out = out - net(params0, xb)
+        return jnp.argmax(out, axis=-1)
+
+    return _Trainer(init_fn, opt, jax.jit(net), step, jax.jit(objective), predict)
+
+
+def _accuracy(trainer: _Trainer, params, params0, x: np.ndarray, labels: np.ndarray,
+              block: int) -> float:
+    """Fraction correct, evaluated in padded blocks of ``block`` rows (one compilation)."""
+    n = x.shape[0]
+    block = min(block, n)
+    correct = 0
+    for start in range(0, n, block):
+        xb = x[start:start + block]
+        m = xb.shape[0]
+        if m < block:  # pad to the block size so every block reuses the compiled code
+            xb = np.concatenate([xb, np.zeros((block - m, *x.shape[1:]), x.dtype)])
+        pred = np.asarray(trainer.predict(params, params0, jnp.asarray(xb, jnp.float32)))
+        correct += int((pred[:m] == labels[start:start + m]).sum())
+    return correct / n
+
+
+def _boundaries(steps: int, eval_every: int | None) -> list[int]:
+    """Step counts at which a chunk ends: every _CHUNK steps, every eval, and the end."""
+    marks = set(range(_CHUNK, steps, _CHUNK)) | {steps}
+    if eval_every is not None:
+        marks |= set(range(eval_every, steps, eval_every))
+    return sorted(marks)
+
+
+def train_network(
+    config: TrainConfig,
+    x_train,
+    y_train,
+    x_test,
+    labels_test,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Train one finite network on ``(x_train, y_train)`` and evaluate it on the test set.
+
+    Args:
+      config: a :class:`TrainConfig`.
+      x_train: support images (n, H, W, C).
+      y_train: support labels (n, C) -- centered one-hot, soft or learned real-valued
+        labels, used as given by ``loss='mse'`` -- or (n,) integer classes (made centered
+        one-hot). The network has ``C`` outputs.
+      x_test: test images (n_t, H, W, C), preprocessed like ``x_train``.
+      labels_test: (n_t,) integer classes, or (n_t, C) label vectors (argmax).
+      seed: initializes the network with ``jax.random.PRNGKey(seed)``; minibatches (if
+        any) are drawn from ``jax.random.fold_in(PRNGKey(seed), 1)``.
+      progress: show a tqdm progress bar over the steps.
+
+    Returns:
+      ``dict(test_acc, train_acc, final_loss, history, train_outputs, params,
+      init_params, seed, steps)``: ``test_acc`` is the final test accuracy (a fraction
+      in [0, 1]; no selection over evaluations), ``train_acc`` the accuracy on the
+      support set against ``argmax(y_train)``, ``final_loss`` the full-support-set
+      training loss of the final network, ``history`` a dict of lists ``step``,
+      ``test_acc``, ``train_acc``, ``loss`` (step 0 and every ``eval_every`` steps when
+      set, and always the last step), ``train_outputs`` the final (centered, if
+      ``config.center``) outputs on the support set (n, C) as NumPy, ``params`` and
+      ``init_params`` the trained and initial parameters (JAX pytrees for
+      ``archs.get(...)``'s ``apply_fn``; a centered network predicts
+      ``apply_fn(params, x) - apply_fn(init_params, x)``). Drop the last three before
+      writing JSON.
+
+    Raises:
+      ValueError: malformed or non-finite inputs (the message names the fix).
+      FloatingPointError: the training loss became NaN/Inf (names the step; lower the
+        learning rate).
+    """
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    x_train, y_train, x_test, labels = _validate(config, x_train, y_train, x_test, labels_test)
+    num_classes = y_train.shape[1]
+    trainer = _trainer(
+        dataclasses.replace(config, seeds=(0,), eval_every=None, eval_batch_size=1), num_classes
+    )
+
+    key = jax.random.PRNGKey(int(seed))
+    _, params = trainer.init_fn(key, (-1, *x_train.shape[1:]))
+    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), params)
+    params0 = params
+    opt_state = trainer.opt.init(params)
+    batch_key = jax.random.fold_in(key, 1)
+    x = jnp.asarray(x_train, jnp.float32)
+    y = jnp.asarray(y_train, jnp.float32)
+    f0 = trainer.net(params0, x) if config.center else jnp.zeros_like(y)
+    x_test = np.asarray(x_test, np.float32)
+    train_labels = y_train.argmax(axis=1)
+    block = config.eval_batch_size
+
+    history: dict[str, list] = {"step": [], "test_acc": [], "train_acc": [], "loss": []}
+
+    def evaluate(step: int) -> None:
+        history["step"].append(step)
+        history["test_acc"].append(_accuracy(trainer, params, params0, x_test, labels, block))
+        history["train_acc"].append(
+            _accuracy(trainer, params, params0, x_train, train_labels, block)
+        )
+        history["loss"].append(float(trainer.loss(params, x, y, f0)))
+
+    if config.eval_every is not None:
+        evaluate(0)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, desc=f"train {config.arch} seed {seed}")
+    done = 0
+    try:
+        for stop in _boundaries(config.steps, config.eval_every):
+            losses = []
+            for i in range(done, stop):  # dispatched asynchronously; synced once per chunk
+                params, opt_state, value = trainer.step(params, opt_state, x, y, f0, batch_key, i)
+                losses.append(value)
+            losses = np.asarray(jax.device_get(losses))
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if bad.size:
+                raise FloatingPointError(
+                    f"The training loss became {losses[bad[0]]} at step {done + int(bad[0]) + 1}"
+                    f" of {config.steps} ({config.optimizer}, learning_rate="
+                    f"{config.learning_rate:g}): training diverged. Lower the learning_rate "
+                    f"(e.g. {config.learning_rate / 10:g}), and check the scale of the images "
+                    f"and labels."
+                )
+            if bar is not None:
+                bar.update(stop - done)
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            done = stop
+            if stop == config.steps or (
+                config.eval_every is not None and stop % config.eval_every == 0
+            ):
+                evaluate(stop)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    outputs = trainer.net(params, x) - f0
+    return {
+        "test_acc": history["test_acc"][-1],
+        "train_acc": history["train_acc"][-1],
+        "final_loss": history["loss"][-1],
+        "history": history,
+        "train_outputs": np.asarray(outputs),
+        "params": params,
+        "init_params": params0,
+        "seed": int(seed),
+        "steps": config.steps,
+    }
+
+
+def transfer(
+    distilled_or_xy,
+    x_test,
+    labels_test,
+    config: TrainConfig | None = None,
+    *,
+    progress: bool = False,
+) -> dict:
+    """Train one network per seed of ``config.seeds`` on a support set; test accuracies.
+
+    Args:
+      distilled_or_xy: a :class:`~kipnb.distilled.DistilledSet` (its ``images`` and
+        ``labels``: learned label vectors are used as given) or a tuple
+        ``(images, labels)`` with labels ``(n, C)`` or ``(n,)`` integer classes.
+      x_test, labels_test: test images (n_t, H, W, C) preprocessed like the support
+        images, and their (n_t,) integer classes (or (n_t, C) label vectors).
+      config: a :class:`TrainConfig`; None: the defaults.
+      progress: show a tqdm progress bar over the seeds.
+
+    Returns:
+      ``dict(mean, std, accs, seeds, runs, config)``: ``accs`` are the final test
+      accuracies (fractions in [0, 1]) in the order of ``seeds``; ``mean`` and ``std``
+      are ``np.mean(accs)`` and ``np.std(accs)`` (population std, ``ddof=0``); ``runs``
+      the per-seed results of :func:`train_network` without ``params`` (JSON-able);
+      ``config`` is ``dataclasses.asdict(config)``.
+    """
+    config = TrainConfig() if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}.")
+    if isinstance(distilled_or_xy, DistilledSet):
+        images, labels = distilled_or_xy.images, distilled_or_xy.labels
+    elif isinstance(distilled_or_xy, tuple | list) and len(distilled_or_xy) == 2:
+        images, labels = distilled_or_xy
+    else:
+        raise ValueError(
+            f"transfer needs a DistilledSet or a tuple (images, labels), got "
+            f"{type(distilled_or_xy).__name__}."
+        )
+    seeds = config.seeds
+    if progress:
+        from tqdm.auto import tqdm
+
+        seeds = tqdm(seeds, desc=f"transfer {config.arch}")
+    runs = []
+    for seed in seeds:
+        run = train_network(config, images, labels, x_test, labels_test, seed=seed)
+        for k in ("params", "init_params", "train_outputs"):
+            run.pop(k)
+        runs.append(run)
+    accs = [r["test_acc"] for r in runs]
+    return {
+        "mean": float(np.mean(accs)),
+        "std": float(np.std(accs)),
+        "accs": accs,
+        "seeds": list(config.seeds),
+        "runs": runs,
+        "config": dataclasses.asdict(config),
+    }
