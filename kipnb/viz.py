@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["for_display", "image_grid"]
+__all__ = ["LivePlot", "for_display", "image_grid"]
 
 
 def for_display(images: np.ndarray, mode: str = "clip") -> np.ndarray:
@@ -69,3 +69,67 @@ def image_grid(
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+class LivePlot:
+    """A live loss / accuracy figure for training loops: pass it as ``callback=``.
+
+    Called with dicts like ``{"step": 10, "loss": 0.01, "test_acc": 0.8}`` (as
+    :func:`kipnb.kip.run` sends them), it records every metric it is given and redraws
+    every ``every`` steps and on the last one (``info["last"]``). In Jupyter the figure
+    updates in place (one output, via an IPython display handle); without IPython it
+    only records, and :meth:`figure` draws on demand. ``history`` holds what it saw.
+    """
+
+    def __init__(self, every: int = 25, metrics: Sequence[str] = ("loss", "test_acc"),
+                 title: str | None = None, logy: Sequence[str] = ("loss",)):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every, self.metrics, self.title, self.logy = every, tuple(metrics), title, set(logy)
+        self.history: dict[str, tuple[list, list]] = {m: ([], []) for m in self.metrics}
+        self._fig = None
+        self._handle = None
+
+    def __call__(self, info: dict) -> None:
+        step = info.get("step", 0)
+        for m in self.metrics:
+            if info.get(m) is not None:
+                xs, ys = self.history[m]
+                xs.append(step)
+                ys.append(float(info[m]))
+        if step % self.every == 0 or info.get("last"):
+            self._show()
+
+    def figure(self):
+        """Draw the recorded curves; returns the matplotlib figure."""
+        if self._fig is None:
+            self._fig, axes = plt.subplots(1, len(self.metrics),
+                                           figsize=(4.2 * len(self.metrics), 3.0))
+            plt.close(self._fig)  # shown through the display handle, not by pyplot
+        axes = np.atleast_1d(self._fig.axes)
+        for ax, m in zip(axes, self.metrics, strict=True):
+            ax.clear()
+            xs, ys = self.history[m]
+            ax.plot(xs, ys, ".-" if len(xs) < 50 else "-")
+            ax.set_xlabel("step")
+            ax.set_title(m)
+            if m in self.logy and ys and min(ys) > 0:
+                ax.set_yscale("log")
+        if self.title:
+            self._fig.suptitle(self.title)
+        self._fig.tight_layout()
+        return self._fig
+
+    def _show(self) -> None:
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+        except ImportError:  # plain Python: record only
+            return
+        if get_ipython() is None:
+            return
+        fig = self.figure()
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)

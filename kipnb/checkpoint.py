@@ -1,0 +1,106 @@
+"""Atomic checkpoints of pytrees (parameters, optimizer states) in one ``.npz`` file.
+
+Long runs (KIP, expert trajectories, trajectory matching) save their whole state every
+few steps with :func:`save` and pick it up again with :func:`load`, so a run that is
+killed and restarted resumes where it stopped. A checkpoint holds:
+
+* the leaves of a pytree, as arrays ``leaf_0``, ``leaf_1``, ... (in
+  ``jax.tree_util`` order), and
+* ``meta``: a JSON document (step, config, history, ...), plus the number of leaves
+  and the tree structure as text for checking.
+
+:func:`load` rebuilds the tree on the structure of a *template* (e.g. freshly
+initialized parameters and ``optimizer.init(params)``): every leaf's shape and dtype
+must match the template's, so a checkpoint from a different configuration is refused
+with :class:`CheckpointError` instead of being silently misread.
+
+Writes go through :func:`kipnb.distilled.atomic_write_bytes` (a temporary file in the
+same directory, then a rename), so a crash during a save leaves the previous
+checkpoint intact. Nothing here ever deletes a checkpoint: an unreadable or mismatched
+file is reported, with its path, and left for the user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from kipnb.distilled import _jsonable, atomic_write_bytes
+
+__all__ = ["CheckpointError", "load", "save"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (unreadable, or for another configuration)."""
+
+
+def save(path: str | os.PathLike, tree: Any, meta: dict | None = None) -> Path:
+    """Write ``tree`` (any pytree of arrays) and JSON-able ``meta`` atomically to ``path``.
+
+    Replaces an existing checkpoint at ``path`` (only once the new one is complete).
+    """
+    path = Path(path)
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    payload = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
+    doc = {"meta": _jsonable(meta or {}), "n_leaves": len(leaves), "treedef": str(treedef)}
+    payload["meta"] = np.asarray(json.dumps(doc))
+    return atomic_write_bytes(path, lambda f: np.savez(f, **payload), overwrite=True)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The ``meta`` document of a checkpoint, without its arrays."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["meta"]))["meta"]
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise CheckpointError(_unreadable(path, e)) from None
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    return (
+        f"Checkpoint {path} could not be read ({type(e).__name__}: {e}); it may be "
+        f"truncated or not a kipnb checkpoint. It was left in place: move it away (or "
+        f"use another checkpoint directory) to start the run afresh."
+    )
+
+
+def load(path: str | os.PathLike, template: Any) -> tuple[Any, dict]:
+    """Read a checkpoint written by :func:`save`: ``(tree, meta)``.
+
+    ``template`` is a pytree with the structure, shapes and dtypes the checkpoint must
+    have (its values are not used). Raises :class:`CheckpointError` naming the file if
+    it cannot be read or does not match.
+    """
+    path = Path(path)
+    t_leaves, treedef = jax.tree_util.tree_flatten(template)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            doc = json.loads(str(z["meta"]))
+            n = int(doc["n_leaves"])
+            leaves = [z[f"leaf_{i}"] for i in range(n)]
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise CheckpointError(_unreadable(path, e)) from None
+    fix = (
+        "It was written by a run with a different configuration. Use another checkpoint "
+        "directory, or move the file away to start afresh (it was left in place)."
+    )
+    if n != len(t_leaves):
+        raise CheckpointError(
+            f"Checkpoint {path} holds {n} arrays but this run's state has "
+            f"{len(t_leaves)}. {fix}"
+        )
+    for i, (got, want) in enumerate(zip(leaves, t_leaves, strict=True)):
+        want_shape, want_dtype = np.shape(want), np.asarray(want).dtype
+        if got.shape != want_shape or got.dtype != want_dtype:
+            raise CheckpointError(
+                f"Checkpoint {path}: array {i} is {got.dtype}{list(got.shape)} but this "
+                f"run's state needs {want_dtype}{list(want_shape)}. {fix}"
+            )
+    return jax.tree_util.tree_unflatten(treedef, leaves), doc["meta"]

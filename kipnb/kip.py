@@ -1,0 +1,617 @@
+r"""KIP (Kernel Inducing Points): learn a small support set by gradient descent on KRR's loss.
+
+Nguyen, Chen, Lee, "Dataset Meta-Learning from Kernel Ridge Regression" (ICLR 2021) and
+Nguyen, Novak, Xiao, Lee, "Dataset Distillation with Infinitely Wide Convolutional
+Networks" (NeurIPS 2021). With support images :math:`X_s` and labels :math:`Y_s`, and a
+batch of real targets :math:`(X_t, Y_t)` drawn afresh every step::
+
+    pred = K(X_t, X_s) (K(X_s, X_s) + lam I)^{-1} Y_s,   lam = reg * trace(K_ss) / n_s
+    loss = 0.5 * mean over targets and classes of (pred - Y_t)^2
+
+and Adam (optax) moves :math:`X_s` (and :math:`Y_s` when ``learn_labels``) down the
+gradient of ``loss``. Targets are centered one-hot vectors (one-hot minus 1/C).
+
+Usage::
+
+    cfg = KIPConfig(dataset="fashion_mnist", arch="fc", ipc=10, steps=1000)
+    result = run(cfg, checkpoint_dir="build/kip_fc_ipc10")   # resumes if killed
+    result.distilled.save("kip.npz"); result.history["test_acc"]
+
+Design notes
+
+* **Determinism and resume.** The support set is initialized from ``seed``; the target
+  batch of step ``s`` is drawn by ``numpy.random.default_rng([seed, s])``, so it does
+  not depend on what happened before. Every ``checkpoint_every`` steps the whole state
+  (support set, optimizer state, history, elapsed time) is written atomically to
+  ``checkpoint_dir/kip_checkpoint.npz``; a run started again with the same config and
+  directory continues from there and ends with exactly the same distilled set as an
+  uninterrupted run (on the same machine and JAX version). ``steps`` may be raised to
+  continue a finished run; any other config change is refused (``CheckpointError``).
+* **NaN/Inf** in the loss or its gradient stops the run with :class:`KIPNumericalError`
+  naming the step; the update is not applied and the checkpoint on disk (the last good
+  state) is kept.
+* **Batches.** ``target_sampling='class_balanced'`` (``target_batch_size // C`` per
+  class) or ``'uniform'``. A ``batch_sampler`` object (e.g. importance sampling,
+  :mod:`kipnb.sampling`) can replace both; see :class:`BatchSampler`.
+* **Distilled set.** :class:`kipnb.DistilledSet` with the images mapped back to pixel
+  space (``transform.invert``, for display and for other evaluators that re-apply the
+  recorded preprocessing) and the exact learned model-space images in
+  ``arrays['model_images']``; :func:`model_inputs` returns the latter.
+* **Precision.** Kernels and the KRR solve run at ``Precision.HIGHEST`` in the inputs'
+  dtype; ``float64=True`` needs ``jax.config.update('jax_enable_x64', True)`` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.scipy.linalg import cho_factor, cho_solve
+
+from kipnb import archs, checkpoint, data, krr, preprocess
+from kipnb.checkpoint import CheckpointError
+from kipnb.distilled import DistilledSet
+
+__all__ = [
+    "PARAMETER_SETS",
+    "BatchSampler",
+    "CheckpointError",
+    "KIPConfig",
+    "KIPData",
+    "KIPNumericalError",
+    "KIPResult",
+    "evaluate_krr",
+    "kernel_for",
+    "kip_loss",
+    "model_inputs",
+    "prepare",
+    "run",
+]
+
+CHECKPOINT_NAME = "kip_checkpoint.npz"
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# Fields that may differ between a checkpoint and the run resuming from it.
+_RESUMABLE_CHANGES = {"steps", "checkpoint_every", "eval_every", "eval_test_size"}
+
+
+class KIPNumericalError(krr.NumericalError):
+    """The KIP loss or its gradient became NaN/Inf."""
+
+
+@dataclass(frozen=True)
+class KIPConfig:
+    """Everything that determines a KIP run (frozen; ``dataclasses.replace`` to vary).
+
+    Attributes:
+      dataset: a :mod:`kipnb.data` name (``'fashion_mnist'``, ``'cifar10'``, ``'digits'``...).
+      arch, depth: the kernel's architecture, :func:`kipnb.archs.get` (``'fc'`` or
+        ``'conv'``); ``depth=None`` is the architecture's default (3).
+      get: ``'ntk'`` or ``'nngp'``.
+      ipc: support images per class.
+      steps: optimizer steps.
+      learning_rate: Adam's learning rate (images and labels).
+      target_batch_size: real targets per step (all of the training set if larger).
+      target_sampling: ``'class_balanced'`` or ``'uniform'``.
+      learn_labels, learn_images: which parts of the support set are learned.
+      reg: KRR's relative ridge, ``lam = reg * trace(K_ss) / n_s``.
+      preprocessing, zca_reg: :func:`kipnb.preprocess.make` method and ZCA strength.
+      init: ``'real'`` (class-balanced random training images) or ``'noise'``
+        (standard normal images in model space).
+      seed: initialization and target batches.
+      eval_every: KRR test accuracy every this many steps (and at the start and end);
+        0 turns evaluation off.
+      eval_test_size: test images for those evaluations (None: all of them).
+      checkpoint_every: steps between checkpoints (when a ``checkpoint_dir`` is given).
+      float64: compute in float64 (enable ``jax_enable_x64`` first).
+    """
+
+    dataset: str = "fashion_mnist"
+    arch: str = "fc"
+    depth: int | None = None
+    get: str = "ntk"
+    ipc: int = 10
+    steps: int = 1000
+    learning_rate: float = 0.01
+    target_batch_size: int = 5000
+    target_sampling: str = "class_balanced"
+    learn_labels: bool = True
+    learn_images: bool = True
+    reg: float = 1e-6
+    preprocessing: str = "standardize"
+    zca_reg: float = 0.1
+    init: str = "real"
+    seed: int = 0
+    eval_every: int = 100
+    eval_test_size: int | None = 10000
+    checkpoint_every: int = 100
+    float64: bool = False
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise ValueError(f"KIPConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if self.arch not in archs.ARCHS:
+            bad("arch", f"unknown architecture; use one of {sorted(archs.ARCHS)}.")
+        if self.depth is not None and (not isinstance(self.depth, int) or self.depth < 1):
+            bad("depth", "must be a positive integer or None (the architecture's default).")
+        if self.get not in ("ntk", "nngp"):
+            bad("get", "use 'ntk' or 'nngp'.")
+        for name in ("ipc", "steps", "target_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
+                bad(name, "must be a positive integer" + (" or 0" if name == "steps" else "") + ".")
+        for name in ("eval_every", "checkpoint_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                bad(name, "must be a non-negative integer (0: never).")
+        if self.eval_test_size is not None and self.eval_test_size < 1:
+            bad("eval_test_size", "must be positive, or None for the whole test set.")
+        if not self.learning_rate > 0:
+            bad("learning_rate", "must be positive.")
+        if not self.reg > 0:
+            bad("reg", "must be positive (e.g. 1e-6): KRR needs a ridge to stay solvable.")
+        if self.target_sampling not in ("class_balanced", "uniform"):
+            bad("target_sampling", "use 'class_balanced' or 'uniform'.")
+        if self.preprocessing not in preprocess.METHODS:
+            bad("preprocessing", f"use one of {', '.join(preprocess.METHODS)}.")
+        if self.init not in ("real", "noise"):
+            bad("init", "use 'real' or 'noise'.")
+        if not (self.learn_images or self.learn_labels):
+            bad("learn_images", "nothing to learn: set learn_images or learn_labels.")
+
+    @property
+    def dtype(self):
+        return jnp.float64 if self.float64 else jnp.float32
+
+
+#: Named parameter sets for reproductions (``dataclasses.replace`` them to vary).
+PARAMETER_SETS: dict[str, KIPConfig] = {
+    # The original KIP Colab (google-research/kip): CIFAR-10, FC kernel of depth 1, 100
+    # support images, Adam 0.04, 5000 targets per step, 300 steps: test accuracy about
+    # 0.467. Needs the CIFAR-10 files (python -m kipnb.data fetch cifar10).
+    "cifar10_kip_colab": KIPConfig(
+        dataset="cifar10", arch="fc", depth=1, ipc=10, steps=300, learning_rate=0.04,
+        target_batch_size=5000, target_sampling="uniform", learn_labels=False,
+        preprocessing="standardize", eval_every=100, eval_test_size=None,
+    ),
+    # Fashion-MNIST runs that fit in minutes on a laptop CPU (benchmarks/kip_fashion.py).
+    "fashion_fc_ipc1": KIPConfig(ipc=1, steps=2000, learning_rate=0.01),
+    "fashion_fc_ipc10": KIPConfig(ipc=10, steps=2000, learning_rate=0.01),
+    "fashion_fc_ipc50": KIPConfig(ipc=50, steps=1000, learning_rate=0.01),
+}
+
+
+class BatchSampler(Protocol):
+    """What :func:`run` needs from a custom target-batch sampler.
+
+    ``sample(step, support)`` returns ``(indices, weights)``: training-set indices of the
+    step's targets, and per-target weights (``None``: all 1) that multiply each target's
+    loss, e.g. ``1 / (n * p_i)`` so that importance sampling stays unbiased. ``support`` is
+    ``dict(images=..., labels=...)``, the current support set in model space (a sampler
+    may refresh its probabilities from it). For exact resume, a sampler with state
+    implements ``state() -> dict of arrays`` and ``restore(state)``; they are saved in
+    and restored from KIP's checkpoints.
+    """
+
+    def sample(self, step: int, support: dict) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class KIPData:
+    """Preprocessed training and test arrays (model space) and the fitted transform."""
+
+    x_train: np.ndarray
+    labels_train: np.ndarray
+    x_test: np.ndarray
+    labels_test: np.ndarray
+    transform: Any
+    class_names: tuple[str, ...]
+    dataset: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def fingerprint(self) -> str:
+        """A short hash of the training data, stored in checkpoints to catch mix-ups."""
+        h = hashlib.sha256()
+        h.update(str((self.x_train.shape, self.x_train.dtype.str)).encode())
+        h.update(np.ascontiguousarray(self.x_train[:: max(1, len(self.x_train) // 64)]).tobytes())
+        h.update(np.ascontiguousarray(self.labels_train).tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True, eq=False)
+class KIPResult:
+    """What :func:`run` returns: the distilled set, the history and the final state."""
+
+    distilled: DistilledSet
+    history: dict
+    config: KIPConfig
+    support: dict = field(default_factory=dict)  # model-space images and labels (arrays)
+
+
+def prepare(
+    config: KIPConfig | str = "fashion_mnist",
+    *,
+    data_dir=None,
+    n_train: int | None = None,
+) -> KIPData:
+    """Load ``config.dataset``, fit ``config.preprocessing`` on its training split.
+
+    ``n_train`` keeps the first ``n_train`` training images (quick experiments). Returns
+    float32 arrays in model space.
+    """
+    cfg = config if isinstance(config, KIPConfig) else KIPConfig(dataset=config)
+    train = data.load(cfg.dataset, "train", data_dir)
+    test = data.load(cfg.dataset, "test", data_dir)
+    x_tr, y_tr = train.images, train.labels
+    if n_train is not None:
+        x_tr, y_tr = x_tr[:n_train], y_tr[:n_train]
+    transform = preprocess.make(cfg.preprocessing, zca_reg=cfg.zca_reg).fit(x_tr)
+    return KIPData(
+        x_train=np.asarray(transform.apply(x_tr), np.float32),
+        labels_train=np.asarray(y_tr),
+        x_test=np.asarray(transform.apply(test.images), np.float32),
+        labels_test=np.asarray(test.labels),
+        transform=transform,
+        class_names=train.class_names,
+        dataset=cfg.dataset,
+    )
+
+
+def kernel_for(config: KIPConfig, num_classes: int = 10) -> Callable:
+    """The ``kernel_fn`` of ``config.arch`` / ``config.depth`` (from :mod:`kipnb.archs`)."""
+    kw = {} if config.depth is None else {"depth": config.depth}
+    return _kernel(config.arch, tuple(kw.items()), num_classes)
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(arch: str, kw: tuple, num_classes: int) -> Callable:
+    # One kernel_fn object per architecture, so jitted functions taking it as a static
+    # argument compile once per process.
+    key = (arch, kw, num_classes)
+    if key not in _KERNELS:
+        _KERNELS[key] = archs.get(arch, num_classes=num_classes, **dict(kw))[2]
+    return _KERNELS[key]
+
+
+def kip_loss(kernel_fn, get: str, reg, x_s, y_s, x_t, y_t, weights=None):
+    """KIP's loss and the batch accuracy: ``(loss, acc)``; differentiable in x_s, y_s.
+
+    ``loss = 0.5 * mean_i w_i * mean_c (pred_ic - y_t,ic)^2`` with ``w_i = 1`` by default.
+    """
+    k_ss = kernel_fn(x_s, None, get)
+    k_ts = kernel_fn(x_t, x_s, get)
+    n = k_ss.shape[0]
+    lam = reg * jnp.trace(k_ss) / n
+    lower, _ = cho_factor(k_ss + lam * jnp.eye(n, dtype=k_ss.dtype), lower=True)
+    pred = jnp.matmul(k_ts, cho_solve((lower, True), y_s), precision=HIGHEST)
+    per_target = 0.5 * jnp.mean((pred - y_t) ** 2, axis=1)
+    if weights is not None:
+        per_target = per_target * weights
+    acc = jnp.mean(jnp.argmax(pred, 1) == jnp.argmax(y_t, 1))
+    return jnp.mean(per_target), acc
+
+
+def _optimizer(config: KIPConfig):
+    return optax.adam(config.learning_rate)
+
+
+def _split(config: KIPConfig, support: dict) -> tuple[dict, dict]:
+    learn = {"images": config.learn_images, "labels": config.learn_labels}
+    trainable = {k: v for k, v in support.items() if learn[k]}
+    fixed = {k: v for k, v in support.items() if not learn[k]}
+    return trainable, fixed
+
+
+_STEP_CACHE: dict = {}
+
+
+def _step_fn(config: KIPConfig, kernel_fn):
+    key = (kernel_fn, config.get, config.reg, config.learning_rate)
+    if key in _STEP_CACHE:
+        return _STEP_CACHE[key]
+    opt = _optimizer(config)
+
+    @jax.jit
+    def step(trainable, fixed, opt_state, x_t, y_t, w):
+        def loss_fn(tr):
+            p = {**fixed, **tr}
+            return kip_loss(kernel_fn, config.get, config.reg, p["images"], p["labels"],
+                            x_t, y_t, w)
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, new_state = opt.update(grads, opt_state, trainable)
+        new = optax.apply_updates(trainable, updates)
+        finite = jnp.isfinite(loss) & jnp.all(jnp.array(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+        return new, new_state, loss, acc, finite
+
+    _STEP_CACHE[key] = step
+    return step
+
+
+def _class_index(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    return [np.flatnonzero(labels == c) for c in range(num_classes)]
+
+
+def _target_indices(config: KIPConfig, step: int, by_class, n_train: int) -> np.ndarray:
+    """The real targets of ``step``: a function of (seed, step) only."""
+    rng = np.random.default_rng([config.seed, step])
+    if config.target_batch_size >= n_train:
+        return np.arange(n_train)
+    if config.target_sampling == "uniform":
+        return np.sort(rng.choice(n_train, config.target_batch_size, replace=False))
+    per = max(1, config.target_batch_size // len(by_class))
+    return np.concatenate(
+        [idx if per >= len(idx) else rng.choice(idx, per, replace=False) for idx in by_class]
+    )
+
+
+def _init_support(config: KIPConfig, d: KIPData) -> dict:
+    C = d.num_classes
+    counts = np.bincount(d.labels_train, minlength=C)
+    if config.ipc > counts.min():
+        raise ValueError(
+            f"Cannot start KIP with {config.ipc} images per class: class "
+            f"{int(np.argmin(counts))} ({d.class_names[int(np.argmin(counts))]}) has only "
+            f"{counts.min()} training images. Use ipc <= {counts.min()}."
+        )
+    idx = data.class_balanced_indices(jax.random.key(config.seed), d.labels_train, config.ipc, C)
+    labels = d.labels_train[idx]
+    if config.init == "real":
+        images = d.x_train[idx]
+    else:
+        rng = np.random.default_rng([config.seed, 2**31 - 1])
+        images = rng.standard_normal((len(idx), *d.x_train.shape[1:])).astype(np.float32)
+    return {
+        "images": jnp.asarray(images, config.dtype),
+        "labels": krr.one_hot_targets(labels, C, dtype=config.dtype),
+    }
+
+
+def _config_diff(saved: dict, now: dict) -> list[str]:
+    keys = sorted((set(saved) | set(now)) - _RESUMABLE_CHANGES)
+    return [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+            for k in keys if saved.get(k) != now.get(k)]
+
+
+def _empty_history() -> dict:
+    return {"step": [], "loss": [], "batch_acc": [], "eval_step": [], "test_acc": [],
+            "test_mse": [], "wall_time": []}
+
+
+def model_inputs(distilled: DistilledSet, transform=None) -> np.ndarray:
+    """A distilled set's images in model space.
+
+    Uses the exact learned images in ``arrays['model_images']`` when the set has them (KIP
+    sets), else applies ``transform`` (fitted as the set's ``preprocessing`` recipe says)
+    to ``distilled.images``.
+    """
+    if "model_images" in distilled.arrays:
+        return np.asarray(distilled.arrays["model_images"])
+    if transform is None:
+        raise ValueError(
+            "This distilled set stores pixel-space images only: pass the fitted transform "
+            "(kipnb.preprocess.from_recipe(ds.preprocessing).fit(train_images))."
+        )
+    return np.asarray(transform.apply(distilled.images), np.float32)
+
+
+def evaluate_krr(
+    x_s,
+    y_s,
+    d: KIPData,
+    *,
+    arch: str = "fc",
+    depth: int | None = None,
+    get: str = "ntk",
+    reg: float = 1e-6,
+    n_test: int | None = None,
+    block_size: int = 1000,
+) -> float:
+    """KRR test accuracy of the support set ``(x_s, y_s)`` with a kipnb kernel."""
+    kw = () if depth is None else (("depth", depth),)
+    kernel_fn = _kernel(arch, kw, d.num_classes)
+    n = len(d.x_test) if n_test is None else min(n_test, len(d.x_test))
+    x_s = jnp.asarray(x_s)
+    out = krr.krr_evaluate(kernel_fn, x_s, jnp.asarray(y_s, x_s.dtype),
+                           d.x_test[:n].astype(x_s.dtype), d.labels_test[:n], reg=reg,
+                           get=get, block_size=min(block_size, n))
+    return out["accuracy"]
+
+
+def run(
+    config: KIPConfig,
+    d: KIPData | None = None,
+    *,
+    checkpoint_dir=None,
+    callback: Callable[[dict], Any] | None = None,
+    progress: bool = True,
+    batch_sampler: BatchSampler | None = None,
+    data_dir=None,
+) -> KIPResult:
+    """Run KIP; returns a :class:`KIPResult` (distilled set, history, final support set).
+
+    Args:
+      config: the :class:`KIPConfig`.
+      d: preprocessed data from :func:`prepare` (loaded from ``config`` if None).
+      checkpoint_dir: where ``kip_checkpoint.npz`` is written every
+        ``config.checkpoint_every`` steps and at the end; if it already holds a checkpoint
+        of the same config, the run resumes from it.
+      callback: called after every step with a dict (``step``, ``loss``, ``batch_acc``,
+        and ``test_acc`` on evaluation steps, ``last`` on the final step); e.g.
+        :class:`kipnb.viz.LivePlot`.
+      progress: tqdm progress bar.
+      batch_sampler: replaces the built-in target sampling (see :class:`BatchSampler`).
+
+    History (lists): ``step``, ``loss``, ``batch_acc`` per step; ``eval_step``,
+    ``test_acc``, ``test_mse`` per evaluation; ``wall_time`` (seconds since the start,
+    summed over resumed sessions) per evaluation.
+    """
+    if not isinstance(config, KIPConfig):
+        raise TypeError(f"config must be a KIPConfig, got {type(config).__name__}.")
+    if config.float64 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "KIPConfig.float64=True needs 64-bit JAX: call "
+            "jax.config.update('jax_enable_x64', True) before creating any arrays."
+        )
+    if d is None:
+        d = prepare(config, data_dir=data_dir)
+    if d.dataset != config.dataset:
+        raise ValueError(
+            f"The data are {d.dataset!r} but config.dataset is {config.dataset!r}: prepare "
+            "the data from this config (kip.prepare(config))."
+        )
+    C = d.num_classes
+    kernel_fn = kernel_for(config, C)
+    opt = _optimizer(config)
+    step_fn = _step_fn(config, kernel_fn)
+    by_class = _class_index(d.labels_train, C)
+    n_train = len(d.labels_train)
+    y_train = np.asarray(krr.one_hot_targets(d.labels_train, C, dtype=config.dtype))
+
+    support = _init_support(config, d)
+    trainable, fixed = _split(config, support)
+    opt_state = opt.init(trainable)
+    history, start, elapsed = _empty_history(), 0, 0.0
+    sampler_state = batch_sampler.state() if hasattr(batch_sampler, "state") else {}
+
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    cfg_dict = dataclasses.asdict(config)
+    fingerprint = d.fingerprint()
+    if ckpt is not None and ckpt.exists():
+        meta = checkpoint.read_meta(ckpt)
+        diff = _config_diff(meta.get("config", {}), cfg_dict)
+        if diff or meta.get("data") != fingerprint:
+            why = "; ".join(diff) if diff else "the training data differ"
+            raise CheckpointError(
+                f"Checkpoint {ckpt} belongs to another KIP run ({why}). Use another "
+                f"checkpoint_dir, or move the file away to start afresh (it was left in place)."
+            )
+        template = {"trainable": trainable, "fixed": fixed, "opt_state": opt_state,
+                    "sampler": sampler_state}
+        state, meta = checkpoint.load(ckpt, template)
+        trainable = jax.tree_util.tree_map(jnp.asarray, state["trainable"])
+        fixed = jax.tree_util.tree_map(jnp.asarray, state["fixed"])
+        opt_state = jax.tree_util.tree_map(jnp.asarray, state["opt_state"])
+        if sampler_state:
+            batch_sampler.restore(state["sampler"])
+        history, start, elapsed = meta["history"], int(meta["step"]), float(meta["elapsed"])
+
+    saved = [start] if ckpt is not None and start > 0 else []  # step of the file on disk
+
+    def save_checkpoint(step):
+        if ckpt is None:
+            return
+        s_state = batch_sampler.state() if hasattr(batch_sampler, "state") else {}
+        checkpoint.save(
+            ckpt,
+            {"trainable": trainable, "fixed": fixed, "opt_state": opt_state, "sampler": s_state},
+            {"step": step, "config": cfg_dict, "data": fingerprint, "history": history,
+             "elapsed": elapsed + time.perf_counter() - t0},
+        )
+        saved[:] = [step]
+
+    def evaluate(step):
+        p = {**fixed, **trainable}
+        n = config.eval_test_size
+        n = len(d.x_test) if n is None else min(n, len(d.x_test))
+        out = krr.krr_evaluate(kernel_fn, p["images"], p["labels"],
+                               d.x_test[:n].astype(config.dtype), d.labels_test[:n],
+                               reg=config.reg, get=config.get, block_size=min(1000, n))
+        history["eval_step"].append(step)
+        history["test_acc"].append(out["accuracy"])
+        history["test_mse"].append(out["mse"])
+        history["wall_time"].append(elapsed + time.perf_counter() - t0)
+        return out["accuracy"]
+
+    t0 = time.perf_counter()
+    evaluating = config.eval_every > 0
+    if evaluating and start == 0 and not history["eval_step"]:
+        evaluate(0)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=min(start, config.steps), desc="KIP",
+                   leave=True)
+    try:
+        for step in range(start, config.steps):
+            if batch_sampler is not None:
+                idx, w = batch_sampler.sample(step, {**fixed, **trainable})
+                idx = np.asarray(idx)
+            else:
+                idx, w = _target_indices(config, step, by_class, n_train), None
+            x_t = jnp.asarray(d.x_train[idx], config.dtype)
+            y_t = jnp.asarray(y_train[idx])
+            w = None if w is None else jnp.asarray(w, config.dtype)
+            new, new_state, loss, acc, finite = step_fn(trainable, fixed, opt_state, x_t, y_t, w)
+            loss = float(loss)
+            if not bool(finite):
+                kept = (f"The last good checkpoint ({ckpt}, step {saved[0]}) was kept."
+                        if saved else "No checkpoint was written yet.")
+                raise KIPNumericalError(
+                    f"KIP step {step + 1}: the loss or its gradient is NaN/Inf (loss={loss}); "
+                    f"the update was not applied. {kept} Fixes: raise reg (now "
+                    f"{config.reg:g}; try 1e-4), lower learning_rate (now "
+                    f"{config.learning_rate:g}), or compute in float64 "
+                    "(jax.config.update('jax_enable_x64', True) and float64=True)."
+                )
+            trainable, opt_state = new, new_state
+            done = step + 1
+            history["step"].append(done)
+            history["loss"].append(loss)
+            history["batch_acc"].append(float(acc))
+            info = {"step": done, "loss": loss, "batch_acc": float(acc),
+                    "last": done == config.steps}
+            if evaluating and (done % config.eval_every == 0 or done == config.steps):
+                info["test_acc"] = evaluate(done)
+            if ckpt is not None and (
+                (config.checkpoint_every and done % config.checkpoint_every == 0)
+                or done == config.steps
+            ):
+                save_checkpoint(done)
+            if bar is not None:
+                bar.update(1)
+                post = {"loss": f"{loss:.4g}"}
+                if history["test_acc"]:
+                    post["test_acc"] = f"{history['test_acc'][-1]:.4f}"
+                bar.set_postfix(post, refresh=False)
+            if callback is not None:
+                callback(info)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    support = {k: np.asarray(v) for k, v in {**fixed, **trainable}.items()}
+    history["seconds"] = elapsed + time.perf_counter() - t0
+    distilled = DistilledSet(
+        images=np.asarray(d.transform.invert(support["images"]), np.float32),
+        labels=support["labels"],
+        method="kip",
+        dataset=config.dataset,
+        ipc=config.ipc,
+        preprocessing=d.transform.recipe(),
+        config=cfg_dict,
+        extra={
+            "steps": config.steps,
+            "test_acc": history["test_acc"][-1] if history["test_acc"] else None,
+            "kernel": f"{config.arch}{'' if config.depth is None else config.depth}-{config.get}",
+        },
+        arrays={"model_images": support["images"]},
+    )
+    return KIPResult(distilled=distilled, history=history, config=config, support=support)
