@@ -70,6 +70,7 @@ __all__ = [
     "KIPNumericalError",
     "KIPResult",
     "evaluate_krr",
+    "init_support",
     "kernel_for",
     "kip_loss",
     "model_inputs",
@@ -361,7 +362,13 @@ def _target_indices(config: KIPConfig, step: int, by_class, n_train: int) -> np.
     )
 
 
-def _init_support(config: KIPConfig, d: KIPData) -> dict:
+def init_support(config: KIPConfig, d: KIPData) -> dict:
+    """The starting support set ``dict(images=..., labels=...)`` in model space.
+
+    ``config.init == 'real'``: ``config.ipc`` class-balanced training images drawn with
+    ``config.seed`` (classes in order), centered one-hot labels; ``'noise'``: standard
+    normal images with the same labels.
+    """
     C = d.num_classes
     counts = np.bincount(d.labels_train, minlength=C)
     if config.ipc > counts.min():
@@ -484,7 +491,7 @@ def run(
     n_train = len(d.labels_train)
     y_train = np.asarray(krr.one_hot_targets(d.labels_train, C, dtype=config.dtype))
 
-    support = _init_support(config, d)
+    support = init_support(config, d)
     trainable, fixed = _split(config, support)
     opt_state = opt.init(trainable)
     history, start, elapsed = _empty_history(), 0, 0.0

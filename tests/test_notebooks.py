@@ -45,6 +45,17 @@ def check_02(r):
     assert r["solved_label_own_class_mean"] > 0.2
 
 
+def check_03(r):
+    t = r["krr_table"]
+    kips = t["fc2 ntk (KIP's)"]
+    assert kips["kip"] > kips["init"] + 0.05, t  # 40 steps of KIP beat the random real images
+    assert r["final_test_acc"] == kips["kip"] > 0.8
+    assert r["loss_last"] < 0.8 * r["loss_first"]
+    assert r["history"]["eval_step"] == [0, 20, 40]
+    assert abs(r["label_own_class_mean"] - 0.9) > 0.01  # labels were learned (one-hot: 0.9)
+    assert r["config"]["ipc"] == 2 and r["n_test"] is None
+
+
 # Tiny parameters per notebook (keys: notebook stems) and the checks on its results.
 TINY = {
     "00_datasets": ({"DATASET": "digits", "IPC_SHOW": 2, "N_FIT": None}, check_00),
@@ -63,6 +74,11 @@ TINY = {
     "02_label_solve": (
         {"DATASET": "digits", "IPCS": [1, 5], "N_TARGETS": None, "N_TEST": None},
         check_02,
+    ),
+    "03_kip": (
+        {"DATASET": "digits", "DEPTH": 2, "IPC": 2, "STEPS": 40, "TARGET_BATCH": 300,
+         "LEARNING_RATE": 0.02, "EVAL_EVERY": 20, "EVAL_N": 449},
+        check_03,
     ),
 }
 
