@@ -56,6 +56,19 @@ def check_03(r):
     assert r["config"]["ipc"] == 2 and r["n_test"] is None
 
 
+def check_04(r):
+    rows = {row["set"]: row for row in r["rows"]}
+    assert list(rows) == ["random", "LS (FC kernel)", "KIP FC2", "KIP ConvNet-1"]
+    assert rows["KIP FC2"]["krr_fc"] > rows["random"]["krr_fc"] + 0.05, rows
+    assert rows["LS (FC kernel)"]["krr_fc"] > rows["random"]["krr_fc"], rows
+    for row in rows.values():
+        for net in ("FC2 net", "ConvNet-1 net"):
+            assert 0.2 < row[net]["mean"] <= 1 and row[net]["std"] >= 0, row  # chance: 0.1
+    assert rows["KIP FC2"]["FC2 net"]["mean"] > rows["random"]["FC2 net"]["mean"], rows
+    assert r["conv_history"]["eval_step"] == [0, 1, 2, 3, 4]
+    assert r["n_test"] == 449 and r["n_test_conv"] == 200
+
+
 # Tiny parameters per notebook (keys: notebook stems) and the checks on its results.
 TINY = {
     "00_datasets": ({"DATASET": "digits", "IPC_SHOW": 2, "N_FIT": None}, check_00),
@@ -79,6 +92,13 @@ TINY = {
         {"DATASET": "digits", "DEPTH": 2, "IPC": 2, "STEPS": 40, "TARGET_BATCH": 300,
          "LEARNING_RATE": 0.02, "EVAL_EVERY": 20, "EVAL_N": 449},
         check_03,
+    ),
+    "04_kip_convnet_and_transfer": (
+        {"DATASET": "digits", "CONV_DEPTH": 1, "CONV_STEPS": 4, "CONV_TARGET_BATCH": 50,
+         "FC_DEPTH": 2, "FC_STEPS": 40, "FC_TARGET_BATCH": 300, "LEARNING_RATE": 0.02,
+         "LS_TARGETS": None, "N_TEST_CONV": 200, "FC_WIDTH": 256, "CONV_WIDTH": 16,
+         "TRAIN_STEPS": 200, "SEEDS": [0, 1]},
+        check_04,
     ),
 }
 
