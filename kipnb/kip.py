@@ -390,6 +390,32 @@ def init_support(config: KIPConfig, d: KIPData) -> dict:
     }
 
 
+def _check_initial(initial: dict, config: KIPConfig, d: KIPData) -> dict:
+    if not isinstance(initial, dict) or set(initial) != {"images", "labels"}:
+        raise ValueError("initial must be dict(images=..., labels=...) (model-space arrays).")
+    x, y = np.asarray(initial["images"]), np.asarray(initial["labels"])
+    if x.ndim != 4 or x.shape[1:] != d.x_train.shape[1:]:
+        raise ValueError(
+            f"initial images must be (n, {', '.join(map(str, d.x_train.shape[1:]))}) like the "
+            f"training images, got {x.shape}."
+        )
+    if y.shape != (x.shape[0], d.num_classes):
+        raise ValueError(
+            f"initial labels must be (n, C) = ({x.shape[0]}, {d.num_classes}) label vectors "
+            f"(e.g. krr.one_hot_targets(classes, C)), got {y.shape}."
+        )
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("initial images or labels contain NaN/Inf.")
+    return {"images": jnp.asarray(x, config.dtype), "labels": jnp.asarray(y, config.dtype)}
+
+
+def _hash_support(support: dict) -> str:
+    h = hashlib.sha256()
+    for k in ("images", "labels"):
+        h.update(np.ascontiguousarray(np.asarray(support[k])).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _config_diff(saved: dict, now: dict) -> list[str]:
     keys = sorted((set(saved) | set(now)) - _RESUMABLE_CHANGES)
     return [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
@@ -449,6 +475,7 @@ def run(
     callback: Callable[[dict], Any] | None = None,
     progress: bool = True,
     batch_sampler: BatchSampler | None = None,
+    initial: dict | None = None,
     data_dir=None,
 ) -> KIPResult:
     """Run KIP; returns a :class:`KIPResult` (distilled set, history, final support set).
@@ -464,6 +491,10 @@ def run(
         :class:`kipnb.viz.LivePlot`.
       progress: tqdm progress bar.
       batch_sampler: replaces the built-in target sampling (see :class:`BatchSampler`).
+      initial: a starting support set ``dict(images=(n, H, W, C) model-space images,
+        labels=(n, C) label vectors)`` instead of :func:`init_support`'s (e.g. from
+        importance sampling, :mod:`kipnb.sampling`); a checkpoint remembers a hash of it
+        and refuses to resume a run that started elsewhere.
 
     History (lists): ``step``, ``loss``, ``batch_acc`` per step; ``eval_step``,
     ``test_acc``, ``test_mse`` per evaluation; ``wall_time`` (seconds since the start,
@@ -491,7 +522,10 @@ def run(
     n_train = len(d.labels_train)
     y_train = np.asarray(krr.one_hot_targets(d.labels_train, C, dtype=config.dtype))
 
-    support = init_support(config, d)
+    if initial is None:
+        support = init_support(config, d)
+    else:
+        support = _check_initial(initial, config, d)
     trainable, fixed = _split(config, support)
     opt_state = opt.init(trainable)
     history, start, elapsed = _empty_history(), 0, 0.0
@@ -499,12 +533,12 @@ def run(
 
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     cfg_dict = dataclasses.asdict(config)
-    fingerprint = d.fingerprint()
+    fingerprint = d.fingerprint() + "/" + _hash_support(support)
     if ckpt is not None and ckpt.exists():
         meta = checkpoint.read_meta(ckpt)
         diff = _config_diff(meta.get("config", {}), cfg_dict)
         if diff or meta.get("data") != fingerprint:
-            why = "; ".join(diff) if diff else "the training data differ"
+            why = "; ".join(diff) if diff else "the training data or initial support differ"
             raise CheckpointError(
                 f"Checkpoint {ckpt} belongs to another KIP run ({why}). Use another "
                 f"checkpoint_dir, or move the file away to start afresh (it was left in place)."

@@ -284,3 +284,22 @@ def test_cifar10_colab_parameter_set_runs_on_cifar_format_files(tmp_path):
     back = DistilledSet.load(path)
     np.testing.assert_array_equal(kip.model_inputs(back), r.support["images"])
     assert back.config["learning_rate"] == 0.04
+
+
+def test_given_initial_support_is_used_and_checked(digits, tmp_path):
+    idx = np.array([np.flatnonzero(digits.labels_train == c)[-1] for c in range(10)])
+    initial = {"images": digits.x_train[idx],
+               "labels": np.asarray(krr.one_hot_targets(np.arange(10), 10))}
+    cfg = dataclasses.replace(TINY, ipc=1, steps=0)
+    r = kip.run(cfg, digits, initial=initial, progress=False)
+    np.testing.assert_array_equal(r.support["images"], digits.x_train[idx])
+    with pytest.raises(ValueError, match=r"initial labels must be \(n, C\) = \(10, 10\)"):
+        kip.run(cfg, digits, initial={**initial, "labels": initial["labels"][:, :3]},
+                progress=False)
+    with pytest.raises(ValueError, match="initial images must be"):
+        kip.run(cfg, digits, initial={**initial, "images": initial["images"][:, :4]},
+                progress=False)
+    kip.run(dataclasses.replace(cfg, steps=2), digits, initial=initial, checkpoint_dir=tmp_path,
+            progress=False)
+    with pytest.raises(CheckpointError, match="initial support differ"):
+        kip.run(dataclasses.replace(cfg, steps=2), digits, checkpoint_dir=tmp_path, progress=False)
