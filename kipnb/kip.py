@@ -69,6 +69,7 @@ __all__ = [
     "KIPData",
     "KIPNumericalError",
     "KIPResult",
+    "checkpoint_dir_for",
     "evaluate_krr",
     "init_support",
     "kernel_for",
@@ -414,6 +415,21 @@ def _hash_support(support: dict) -> str:
     for k in ("images", "labels"):
         h.update(np.ascontiguousarray(np.asarray(support[k])).tobytes())
     return h.hexdigest()[:16]
+
+
+def checkpoint_dir_for(root, config: KIPConfig) -> Path:
+    """``root / 'kip_<arch><depth>_ipc<N>_<hash>'``: one checkpoint directory per config.
+
+    The hash covers every field that changes the run (not ``steps``, ``eval_every``...),
+    so changing a parameter in a notebook and running again starts a fresh run instead
+    of tripping over the old checkpoint, and going back resumes the old one.
+    """
+    import json
+
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE_CHANGES}
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    depth = "" if config.depth is None else config.depth
+    return Path(root) / f"kip_{config.arch}{depth}_ipc{config.ipc}_{h}"
 
 
 def _config_diff(saved: dict, now: dict) -> list[str]:

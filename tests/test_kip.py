@@ -303,3 +303,10 @@ def test_given_initial_support_is_used_and_checked(digits, tmp_path):
             progress=False)
     with pytest.raises(CheckpointError, match="initial support differ"):
         kip.run(dataclasses.replace(cfg, steps=2), digits, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_checkpoint_dir_for_separates_configs_but_not_step_counts(tmp_path):
+    a = kip.checkpoint_dir_for(tmp_path, TINY)
+    assert a.parent == tmp_path and a.name.startswith("kip_fc2_ipc2_")
+    assert kip.checkpoint_dir_for(tmp_path, dataclasses.replace(TINY, steps=99)) == a
+    assert kip.checkpoint_dir_for(tmp_path, dataclasses.replace(TINY, learning_rate=0.5)) != a

@@ -69,6 +69,27 @@ def check_04(r):
     assert r["n_test"] == 449 and r["n_test_conv"] == 200
 
 
+def check_05(r):
+    rows = r["rows"]
+    assert len(rows) == 2 * (2 + 4), rows  # ipcs x (LS: 2 inits, KIP: 2 inits x 2 batches)
+    cells = {(x["method"], x["ipc"], x["init"], x["batches"]) for x in rows}
+    assert ("kip", 2, "importance", "importance") in cells and ("ls", 1, "uniform", "-") in cells
+    for x in rows:
+        assert len(x["accs"]) == 2 and x["std"] >= 0, x
+        assert 0.4 < x["mean"] <= 1, x  # chance is 0.1
+        if x["method"] == "kip":
+            assert x["curve"]["eval_step"] == [0, 5, 10] and x["mean"] > x["init_mean"], x
+    for ipc in ("1", "2"):  # importance picks are not the uniform ones
+        for u, i in zip(r["picks"][ipc]["uniform"], r["picks"][ipc]["importance"], strict=True):
+            assert len(i) == 10 * int(ipc) and set(u) != set(i)
+    stats = r["pick_stats"]
+    assert stats["KRR sensitivity"]["mean_krr_percentile"] > stats["uniform"]["mean_krr_percentile"]
+    assert stats["KRR sensitivity"]["overlap_with_uniform"] < 20
+    assert r["sampler"]["min_p"] >= r["sampler"]["bound"] * (1 - 1e-9)
+    assert abs(r["sensitivity"]["kmeans_sum"] - 10 * (1 + 3)) < 1e-6  # C * (1 + k)
+    assert r["n_test"] == 449 and r["dataset"] == "digits"
+
+
 # Tiny parameters per notebook (keys: notebook stems) and the checks on its results.
 TINY = {
     "00_datasets": ({"DATASET": "digits", "IPC_SHOW": 2, "N_FIT": None}, check_00),
@@ -99,6 +120,12 @@ TINY = {
          "LS_TARGETS": None, "N_TEST_CONV": 200, "FC_WIDTH": 256, "CONV_WIDTH": 16,
          "TRAIN_STEPS": 200, "SEEDS": [0, 1]},
         check_04,
+    ),
+    "05_importance_sampling": (
+        {"DATASET": "digits", "DEPTH": 2, "IPCS": [1, 2], "SEEDS": [0, 1], "STEPS": 10,
+         "TARGET_BATCH": 200, "EVAL_EVERY": 5, "N_TEST": None, "LS_TARGETS": None,
+         "LANDMARKS": 20, "KMEANS_K": 3, "REFRESH_EVERY": 3, "SHOW_IPC": 2},
+        check_05,
     ),
 }
 
