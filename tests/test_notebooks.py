@@ -117,7 +117,7 @@ TINY = {
     "04_kip_convnet_and_transfer": (
         {"DATASET": "digits", "CONV_DEPTH": 1, "CONV_STEPS": 4, "CONV_TARGET_BATCH": 50,
          "FC_DEPTH": 2, "FC_STEPS": 40, "FC_TARGET_BATCH": 300, "LEARNING_RATE": 0.02,
-         "LS_TARGETS": None, "N_TEST_CONV": 200, "FC_WIDTH": 256, "CONV_WIDTH": 16,
+         "LS_TARGETS": None, "N_TEST_CONV": 200, "FC_NET_DEPTH": 2, "FC_WIDTH": 256, "CONV_WIDTH": 16,
          "TRAIN_STEPS": 200, "SEEDS": [0, 1]},
         check_04,
     ),
