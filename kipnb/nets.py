@@ -1,0 +1,339 @@
+"""Finite networks for trajectory matching (MTT, DATM): functional, parameters as pytrees.
+
+Trajectory matching (Cazenavette et al. 2022, "MTT"; Guo et al. 2024, "DATM") trains
+*expert* networks on the real data, then unrolls a *student* network on the synthetic
+images and compares the student's parameters with the expert's, as flat vectors. The
+networks here are the ones those papers use, written as pure functions of a parameter
+pytree (nested dicts of ``jnp`` arrays), so that ``jax.grad`` can flow through a whole
+unrolled student run into the synthetic images.
+
+Networks (frozen dataclasses: the configuration; ``init``/``apply``: the functions)
+----------------------------------------------------------------------------------
+* :class:`ConvNet` -- the "ConvNet-D" of DC/DSA/DM/MTT/DATM: ``depth`` blocks of
+
+      Conv 3x3 (``width`` channels, stride 1, zero padding 1) -> norm -> ReLU
+      -> AvgPool 2x2 stride 2
+
+  then Flatten -> Dense(``num_classes``). Defaults as MTT's ``ConvNet``: width 128,
+  depth 3, ``norm='instancenorm'``, ReLU, average pooling. ``'instancenorm'`` is what
+  MTT builds as ``torch.nn.GroupNorm(width, width, affine=True)``: per sample and per
+  channel, normalize over (H, W) with the biased variance and ``eps = 1e-5``, then a
+  learnable per-channel scale (init 1) and bias (init 0). ``norm='none'`` drops it.
+  Pooling floors odd sizes (as ``torch.nn.AvgPool2d``). MTT pads the *first* conv by 3
+  for 1-channel images (28x28 MNIST -> 32x32, so that ConvNet-3 ends at 4x4); here that
+  is ``ConvNet(first_padding=3)``, default 1 (SAME).
+* :class:`MLP` -- ``depth`` hidden Dense-ReLU layers of ``width`` units, then a Dense
+  readout; MTT's MLP is ``MLP(width=128, depth=2)`` (the defaults).
+
+Initialization (as PyTorch's defaults for ``nn.Conv2d`` / ``nn.Linear``): weights and
+biases uniform in ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` with ``fan_in = in_channels *
+3 * 3`` for convolutions and ``in_features`` for dense layers (torch's
+``kaiming_uniform_(a=sqrt(5))`` works out to exactly this bound); norm scale 1, bias 0.
+This is the *standard* parameterization (not the NTK one of ``kipnb.archs``), as the
+trajectory-matching papers use, so their learning rates carry over.
+
+Layout: images are NHWC ``(N, H, W, C)``; conv kernels HWIO ``(3, 3, C_in, C_out)``;
+dense kernels ``(in, out)``. The flatten before the classifier is in (H, W, C) order
+(torch flattens (C, H, W)): the parameter *count* is the same as MTT's, but importing a
+torch state dict needs that permutation. ConvNet-3, width 128, 32x32x3 inputs, 10
+classes: 320,010 parameters, as MTT's.
+
+Parameter pytree of a ConvNet::
+
+    {'block0': {'conv': {'w', 'b'}, 'norm': {'scale', 'bias'}}, ..., 'head': {'w', 'b'}}
+
+(no ``'norm'`` entry with ``norm='none'``); of an MLP:
+``{'dense0': {'w', 'b'}, ..., 'head': {'w', 'b'}}``.
+
+Trajectory matching compares flat vectors: :func:`flatten_params` and
+:func:`unflatten_params` convert (the order is ``jax.tree_util``'s, i.e. sorted dict
+keys; it is the same for every pytree of one architecture). :func:`count_params`
+counts. :func:`get` builds a network by name (``'convnet'``, ``'mlp'``, and MTT's
+spellings ``'ConvNetD4'``, ``'ConvNetW64'``, ``'ConvNetNN'``).
+
+Contractions use ``precision=jax.lax.Precision.HIGHEST`` (TPUs otherwise multiply
+float32 in bfloat16).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+__all__ = [
+    "NETS",
+    "NORMS",
+    "ConvNet",
+    "MLP",
+    "count_params",
+    "flatten_params",
+    "get",
+    "unflatten_params",
+]
+
+NORMS = ("instancenorm", "none")
+HIGHEST = jax.lax.Precision.HIGHEST
+_EPS = 1e-5  # torch.nn.GroupNorm's default
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_positive_int(name: str, v, minimum: int = 1) -> None:
+    if not (_is_int(v) and v >= minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}.")
+
+
+def _torch_uniform(key, specs: list[tuple[tuple[int, ...], int]], dtype) -> list[jax.Array]:
+    """One array per ``(shape, fan_in)`` in ``specs``, uniform in ``+-1/sqrt(fan_in)``.
+
+    All values come from a single ``jax.random.uniform`` draw (split and reshaped), which
+    compiles once per network instead of once per layer shape.
+    """
+    sizes = [math.prod(shape) for shape, _ in specs]
+    u = jax.random.uniform(key, (sum(sizes),), dtype, minval=-1.0, maxval=1.0)
+    out, start = [], 0
+    for (shape, fan_in), size in zip(specs, sizes, strict=True):
+        out.append(u[start:start + size].reshape(shape) / math.sqrt(fan_in))
+        start += size
+    return out
+
+
+def _image_shape(input_shape) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) == 4:
+        shape = shape[1:]
+    if len(shape) != 3:
+        raise ValueError(
+            f"input_shape must be (H, W, C) or (N, H, W, C) (NHWC images), got {input_shape!r}."
+        )
+    if min(shape) < 1:
+        raise ValueError(f"input_shape must have positive sizes, got {input_shape!r}.")
+    return shape  # type: ignore[return-value]
+
+
+def instance_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = _EPS):
+    """Per-sample, per-channel normalization over (H, W) of NHWC ``x``, then ``* scale + bias``.
+
+    Equals ``torch.nn.GroupNorm(C, C, affine=True)`` (biased variance, ``eps`` inside
+    the square root).
+    """
+    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def _avg_pool(x: jax.Array) -> jax.Array:
+    """2x2 average pooling, stride 2, VALID (odd sizes floor, as torch.nn.AvgPool2d)."""
+    s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    return s / 4.0
+
+
+@dataclass(frozen=True)
+class ConvNet:
+    """MTT's ConvNet (see the module docstring): ``depth`` x [conv3x3 - norm - ReLU - avgpool2].
+
+    Attributes:
+      width: channels of every conv layer (MTT: 128).
+      depth: number of conv blocks (MTT: 3).
+      norm: ``'instancenorm'`` (MTT's default) or ``'none'``.
+      num_classes: outputs of the final Dense layer.
+      first_padding: zero padding of the first conv (1 = SAME; MTT uses 3 for
+        1-channel 28x28 images, turning them into 32x32 feature maps).
+    """
+
+    width: int = 128
+    depth: int = 3
+    norm: str = "instancenorm"
+    num_classes: int = 10
+    first_padding: int = 1
+
+    def __post_init__(self):
+        _check_positive_int("width", self.width)
+        _check_positive_int("depth", self.depth)
+        _check_positive_int("num_classes", self.num_classes)
+        _check_positive_int("first_padding", self.first_padding, minimum=0)
+        if self.norm not in NORMS:
+            raise ValueError(f"Unknown norm {self.norm!r}: use one of {list(NORMS)}.")
+
+    def feature_shape(self, input_shape) -> tuple[int, int, int]:
+        """(H, W, C) of the features entering the classifier, for images of ``input_shape``.
+
+        Raises ValueError when the image is too small for ``depth`` poolings, naming the
+        largest depth that fits.
+        """
+        h, w, _ = _image_shape(input_shape)
+        h0, w0 = h + 2 * self.first_padding - 2, w + 2 * self.first_padding - 2
+        if h0 < 1 or w0 < 1:
+            raise ValueError(
+                f"Images of {h}x{w} are too small for a 3x3 conv with padding "
+                f"{self.first_padding}."
+            )
+        fits = min(h0.bit_length(), w0.bit_length()) - 1  # largest d with size >> d >= 1
+        if self.depth > fits:
+            raise ValueError(
+                f"Images of {h}x{w} are too small for a ConvNet of depth {self.depth}: each "
+                f"block halves the size ({h0}x{w0} after the first conv) and it would pool "
+                f"to {h0 >> self.depth}x{w0 >> self.depth}. "
+                + (f"Use depth <= {fits}." if fits else "Use larger images.")
+            )
+        return h0 >> self.depth, w0 >> self.depth, self.width
+
+    def init(self, key: jax.Array, input_shape, dtype=jnp.float32) -> dict:
+        """Parameters for images of ``input_shape`` ((H, W, C) or (N, H, W, C)), torch-style."""
+        _, _, c = _image_shape(input_shape)
+        fh, fw, fc = self.feature_shape(input_shape)
+        specs, c_in = [], c
+        for _ in range(self.depth):
+            specs += [((3, 3, c_in, self.width), c_in * 9), ((self.width,), c_in * 9)]
+            c_in = self.width
+        n_feat = fh * fw * fc
+        specs += [((n_feat, self.num_classes), n_feat), ((self.num_classes,), n_feat)]
+        arrays = _torch_uniform(key, specs, dtype)
+        params: dict[str, Any] = {}
+        for d in range(self.depth):
+            block: dict[str, Any] = {"conv": {"w": arrays[2 * d], "b": arrays[2 * d + 1]}}
+            if self.norm == "instancenorm":
+                block["norm"] = {
+                    "scale": jnp.ones((self.width,), dtype),
+                    "bias": jnp.zeros((self.width,), dtype),
+                }
+            params[f"block{d}"] = block
+        params["head"] = {"w": arrays[-2], "b": arrays[-1]}
+        return params
+
+    def apply(self, params: dict, x: jax.Array) -> jax.Array:
+        """Logits ``(N, num_classes)`` for NHWC images ``x`` of shape ``(N, H, W, C)``."""
+        x = jnp.asarray(x)
+        if x.ndim != 4:
+            raise ValueError(
+                f"ConvNet expects NHWC images of shape (N, H, W, C), got shape {x.shape} "
+                f"({x.ndim}-D). Add a batch axis (x[None]) or a channel axis (x[..., None])."
+            )
+        c_params = params["block0"]["conv"]["w"].shape[2]
+        if x.shape[-1] != c_params:
+            raise ValueError(
+                f"Channel mismatch: the images have {x.shape[-1]} channels (last axis of NHWC) "
+                f"but the parameters were initialized for {c_params}. Are the images NCHW?"
+            )
+        fh, fw, fc = self.feature_shape(x.shape)
+        n_feat = params["head"]["w"].shape[0]
+        if fh * fw * fc != n_feat:
+            raise ValueError(
+                f"Images of {x.shape[1]}x{x.shape[2]} give {fh}x{fw}x{fc} = {fh * fw * fc} "
+                f"features but the classifier was initialized for {n_feat}: initialize the "
+                f"parameters with this image size."
+            )
+        for d in range(self.depth):
+            block = params[f"block{d}"]
+            p = self.first_padding if d == 0 else 1
+            x = jax.lax.conv_general_dilated(
+                x, block["conv"]["w"].astype(x.dtype), (1, 1), [(p, p), (p, p)],
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST,
+            ) + block["conv"]["b"]
+            if self.norm == "instancenorm":
+                x = instance_norm(x, block["norm"]["scale"], block["norm"]["bias"])
+            x = _avg_pool(jax.nn.relu(x))
+        x = x.reshape(x.shape[0], -1)
+        return jnp.matmul(x, params["head"]["w"], precision=HIGHEST) + params["head"]["b"]
+
+
+@dataclass(frozen=True)
+class MLP:
+    """``depth`` hidden Dense-ReLU layers of ``width`` units, then Dense(num_classes).
+
+    MTT's MLP is the default (two hidden layers of 128). Inputs are flattened per sample.
+    """
+
+    width: int = 128
+    depth: int = 2
+    num_classes: int = 10
+
+    def __post_init__(self):
+        _check_positive_int("width", self.width)
+        _check_positive_int("depth", self.depth, minimum=0)
+        _check_positive_int("num_classes", self.num_classes)
+
+    def init(self, key: jax.Array, input_shape, dtype=jnp.float32) -> dict:
+        """Parameters for inputs of ``input_shape`` ((H, W, C), (N, H, W, C) or (D,))."""
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) == 4:
+            shape = shape[1:]
+        n_in = math.prod(shape)
+        dims = [n_in] + [self.width] * self.depth + [self.num_classes]
+        specs = []
+        for a, b in zip(dims[:-1], dims[1:], strict=True):
+            specs += [((a, b), a), ((b,), a)]
+        arrays = _torch_uniform(key, specs, dtype)
+        names = [f"dense{d}" for d in range(self.depth)] + ["head"]
+        return {nm: {"w": arrays[2 * i], "b": arrays[2 * i + 1]} for i, nm in enumerate(names)}
+
+    def apply(self, params: dict, x: jax.Array) -> jax.Array:
+        """Logits ``(N, num_classes)`` for a batch ``x`` of shape ``(N, ...)``."""
+        x = jnp.asarray(x)
+        if x.ndim < 2:
+            raise ValueError(f"MLP expects a batch (N, ...), got shape {x.shape}.")
+        x = x.reshape(x.shape[0], -1)
+        first = params["dense0" if self.depth else "head"]["w"].shape[0]
+        if x.shape[1] != first:
+            raise ValueError(
+                f"Input mismatch: each sample has {x.shape[1]} features but the parameters "
+                f"were initialized for {first}."
+            )
+        for d in range(self.depth):
+            p = params[f"dense{d}"]
+            x = jax.nn.relu(jnp.matmul(x, p["w"], precision=HIGHEST) + p["b"])
+        return jnp.matmul(x, params["head"]["w"], precision=HIGHEST) + params["head"]["b"]
+
+
+NETS = {"convnet": ConvNet, "mlp": MLP}
+
+
+def get(name: str, **kw):
+    """A network by name: ``'convnet'`` / ``'mlp'`` (case-insensitive) with keyword overrides.
+
+    MTT's names also work: ``'ConvNetD4'`` (depth 4), ``'ConvNetW64'`` (width 64),
+    ``'ConvNetNN'`` (no normalization), ``'ConvNetIN'`` (instance norm).
+    """
+    key = str(name).lower()
+    if key in NETS:
+        return NETS[key](**kw)
+    m = re.fullmatch(r"convnet(?:d(\d+)|w(\d+)|(nn|in))", key)
+    if m:
+        d, w, n = m.groups()
+        extra = {"depth": int(d)} if d else {"width": int(w)} if w else {
+            "norm": "none" if n == "nn" else "instancenorm"}
+        return ConvNet(**{**extra, **kw})
+    raise ValueError(
+        f"Unknown network {name!r}: use one of {sorted(NETS)} "
+        f"(or MTT's 'ConvNetD<depth>', 'ConvNetW<width>', 'ConvNetNN', 'ConvNetIN')."
+    )
+
+
+def flatten_params(params) -> jax.Array:
+    """All parameters as one 1-D vector (``jax.tree_util`` leaf order); jit-friendly."""
+    return ravel_pytree(params)[0]
+
+
+def unflatten_params(vec: jax.Array, template):
+    """Inverse of :func:`flatten_params`: ``vec`` reshaped into a pytree like ``template``."""
+    flat, unravel = ravel_pytree(template)
+    vec = jnp.asarray(vec)
+    if vec.shape != flat.shape:
+        raise ValueError(
+            f"The vector has shape {vec.shape} but the template has {flat.shape[0]} "
+            f"parameters: expected shape {flat.shape}."
+        )
+    return unravel(vec)
+
+
+def count_params(params) -> int:
+    """The number of scalar parameters in a pytree."""
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))
