@@ -37,6 +37,15 @@ Design notes
   space (``transform.invert``, for display and for other evaluators that re-apply the
   recorded preprocessing) and the exact learned model-space images in
   ``arrays['model_images']``; :func:`model_inputs` returns the latter.
+* **Devices.** Every step's target batch (``x_t``, ``y_t`` and the sampler's weights)
+  is split over all devices along the batch axis (:mod:`kipnb.shard`, mesh axis
+  ``'data'``) and the support set and optimizer state are replicated, so ``jax.jit``
+  partitions the kernel ``K(X_t, X_s)`` over the devices; one device is a mesh of
+  size one. Target batches are not padded (padding would change the mean loss): a
+  batch whose size is not a multiple of the device count is replicated instead (same
+  result, no speed-up), so pick ``target_batch_size`` as a multiple of
+  ``jax.device_count()`` (with class-balanced sampling the batch holds
+  ``(target_batch_size // C) * C`` targets).
 * **Precision.** Kernels and the KRR solve run at ``Precision.HIGHEST`` in the inputs'
   dtype; ``float64=True`` needs ``jax.config.update('jax_enable_x64', True)`` first.
 """
@@ -44,6 +53,7 @@ Design notes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import time
 from collections.abc import Callable
@@ -57,7 +67,7 @@ import numpy as np
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
-from kipnb import archs, checkpoint, data, krr, preprocess
+from kipnb import archs, checkpoint, data, krr, preprocess, shard
 from kipnb.checkpoint import CheckpointError
 from kipnb.distilled import DistilledSet
 
@@ -346,6 +356,15 @@ def _step_fn(config: KIPConfig, kernel_fn):
     return step
 
 
+def _place_targets(m, x_t, y_t, w):
+    """Targets split over the mesh's devices, or replicated if not a multiple of them."""
+    if len(x_t) % shard.device_count(m) == 0:
+        put = functools.partial(shard.shard_batch, m=m)
+    else:
+        put = functools.partial(shard.replicate, m=m)
+    return put(x_t), put(y_t), None if w is None else put(w)
+
+
 def _class_index(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
     return [np.flatnonzero(labels == c) for c in range(num_classes)]
 
@@ -568,6 +587,8 @@ def run(
         if sampler_state:
             batch_sampler.restore(state["sampler"])
         history, start, elapsed = meta["history"], int(meta["step"]), float(meta["elapsed"])
+    mesh = shard.mesh()
+    trainable, fixed, opt_state = shard.replicate((trainable, fixed, opt_state), mesh)
 
     saved = [start] if ckpt is not None and start > 0 else []  # step of the file on disk
 
@@ -613,9 +634,9 @@ def run(
                 idx = np.asarray(idx)
             else:
                 idx, w = _target_indices(config, step, by_class, n_train), None
-            x_t = jnp.asarray(d.x_train[idx], config.dtype)
-            y_t = jnp.asarray(y_train[idx])
-            w = None if w is None else jnp.asarray(w, config.dtype)
+            x_t, y_t, w = _place_targets(
+                mesh, np.asarray(d.x_train[idx], config.dtype), y_train[idx],
+                None if w is None else np.asarray(w, config.dtype))
             new, new_state, loss, acc, finite = step_fn(trainable, fixed, opt_state, x_t, y_t, w)
             loss = float(loss)
             if not bool(finite):

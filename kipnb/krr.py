@@ -51,6 +51,10 @@ Conventions (see DESIGN.md):
   kernel or a failed Cholesky raises :class:`NumericalError` (a ``FloatingPointError``
   and a ``ValueError``) that names the fix; inside a trace such failures show up as NaN.
 * Shape mismatches raise ``ValueError`` naming the shapes.
+* Devices: ``krr_evaluate`` and ``label_solve`` split each block of targets over all
+  devices (:mod:`kipnb.shard`, mesh axis ``'data'``) and replicate the support side;
+  ``block_size`` is rounded up to a multiple of the device count. On one device this
+  is the plain computation.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import cho_factor, cho_solve
+
+from kipnb import shard
 
 __all__ = [
     "DEFAULT_REG",
@@ -412,15 +418,26 @@ def _tikhonov_solve(gram, rhs, solve_reg):
 
 
 def _device_block(x, start: int, stop: int, block_size: int, dtype) -> jax.Array:
-    """A padded block of rows as a device array of ``dtype`` (cast on the host if NumPy)."""
+    """A padded block of rows of ``dtype``, split over the devices' ``'data'`` axis.
+
+    NumPy inputs are cast on the host. ``block_size`` must be a multiple of the device
+    count (see :func:`_block_size`).
+    """
     block = _take_block(x, start, stop, block_size)
     if isinstance(block, jax.Array):
-        return block if block.dtype == dtype else block.astype(dtype)
-    return jnp.asarray(np.asarray(block, dtype=dtype))
+        block = block if block.dtype == dtype else block.astype(dtype)
+    else:
+        block = np.asarray(block, dtype=dtype)
+    return shard.shard_batch(block)
 
 
 def _mask(n_valid: int, block_size: int, dtype) -> jax.Array:
-    return jnp.asarray((np.arange(block_size) < n_valid).astype(dtype))
+    return shard.shard_batch((np.arange(block_size) < n_valid).astype(dtype))
+
+
+def _block_size(block_size: int, n_t: int) -> int:
+    """``min(block_size, n_t)`` rounded up to a multiple of the device count."""
+    return shard.pad_to_multiple(min(int(block_size), int(n_t)))
 
 
 def krr_evaluate(
@@ -450,7 +467,8 @@ def krr_evaluate(
       labels_t: ``(n_t,)`` integer labels, or ``(n_t, C)`` regression targets.
       reg: relative ridge, ``lam = reg * trace(K_ss) / n_s``.
       get: ``'ntk'`` or ``'nngp'``.
-      block_size: targets per kernel block; memory is ``O(block_size * n_s)``.
+      block_size: targets per kernel block; memory is ``O(block_size * n_s)``. Rounded
+        up to a multiple of the device count; each block is split over the devices.
       centered: whether targets made from integer ``labels_t`` are centered one-hot.
       progress: show a tqdm progress bar over the blocks.
 
@@ -484,9 +502,10 @@ def krr_evaluate(
         raise ValueError("x_t is empty")
 
     _check_finite(y_s, "y_s", "Check the support labels.")
+    x_s = shard.replicate(x_s)
     k_ss, lower = _support_factor(kernel_fn, x_s, reg, get)
-    alpha = _cho_solve_lower(lower, y_s.astype(k_ss.dtype))
-    bs = int(min(block_size, n_t))
+    alpha = _cho_solve_lower(lower, shard.replicate(y_s.astype(k_ss.dtype)))
+    bs = _block_size(block_size, n_t)
 
     sq_total, correct_total = 0.0, 0
     blocks = list(_block_slices(n_t, bs))
@@ -494,7 +513,7 @@ def krr_evaluate(
         xb = _device_block(x_t, start, stop, bs, x_s.dtype)
         if y_t is None:
             lb = np.asarray(_take_block(labels_t, start, stop, bs))
-            yb = jnp.asarray(_one_hot_np(lb, num_classes, centered, k_ss.dtype))
+            yb = shard.shard_batch(_one_hot_np(lb, num_classes, centered, k_ss.dtype))
         else:
             yb = _device_block(y_t, start, stop, bs, k_ss.dtype)
         mask = _mask(stop - start, bs, k_ss.dtype)
@@ -549,7 +568,8 @@ def label_solve(
         :func:`default_solve_reg` of the kernel's dtype (1e-6 float64, 1e-4 float32).
         Raise it if the solve fails or the labels come out huge.
       get: ``'ntk'`` or ``'nngp'``.
-      block_size: targets per block.
+      block_size: targets per block (rounded up to a multiple of the device count;
+        each block is split over the devices, the support side is replicated).
       progress: show a tqdm progress bar over the blocks.
 
     Returns:
@@ -565,16 +585,17 @@ def label_solve(
     if n_t == 0:
         raise ValueError("x_t is empty")
 
+    x_s = shard.replicate(x_s)
     k_ss, lower = _support_factor(kernel_fn, x_s, reg, get)
     dtype = k_ss.dtype
     if solve_reg is None:
         solve_reg = default_solve_reg(dtype)
     _check_reg(solve_reg, "solve_reg")
-    bs = int(min(block_size, n_t))
+    bs = _block_size(block_size, n_t)
 
     _check_finite(y_t, "y_t", "Check the targets.")
-    gram = jnp.zeros((n_s, n_s), dtype)
-    rhs = jnp.zeros((n_s, num_classes), dtype)
+    gram = shard.replicate(np.zeros((n_s, n_s), dtype))
+    rhs = shard.replicate(np.zeros((n_s, num_classes), dtype))
     blocks = list(_block_slices(n_t, bs))
     for start, stop in _progress(blocks, len(blocks), progress, "Label Solve"):
         xb = _device_block(x_t, start, stop, bs, x_s.dtype)
