@@ -128,8 +128,13 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n-targets", type=int, default=4000)
     p.add_argument("--n-support", type=int, default=100)
+    p.add_argument("--plot", help="PNG of the results (with --from: plot an existing JSON)")
+    p.add_argument("--from", dest="from_json", help="plot this JSON instead of measuring")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.from_json:
+        plot(json.loads(Path(args.from_json).read_text()), args.plot)
+        return
     if args.worker:
         print(json.dumps(worker(args.repeats, args.n_targets, args.n_support)))
         return
@@ -163,6 +168,45 @@ def main(argv=None) -> None:
         print("wrote", write_json(args.out, result))
     else:
         print(json.dumps(result, indent=1))
+    if args.plot:
+        plot(result, args.plot)
+
+
+def plot(result: dict, path: str | None) -> None:
+    """KIP steps/s, kernel pairs/s and memory per device against the number of devices."""
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    n = [r["devices"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(n, [r["kip_step"]["steps_per_second"] for r in rows], "o-")
+    axes[0].set_ylabel("KIP steps / s")
+    for name in [k["kernel"] for k in rows[0]["kernels"]]:
+        axes[1].plot(n, [next(k["pairs_per_second"] for k in r["kernels"] if k["kernel"] == name)
+                         for r in rows], "o-", label=name)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("kernel pairs / s")
+    axes[1].legend(fontsize=8)
+    for r in rows:
+        mem = r["memory_vs_block_size"]
+        axes[2].plot([m["block_size"] for m in mem],
+                     [m["temp_size_in_bytes"] / 2**20 for m in mem], "o-",
+                     label=f"{r['devices']} devices")
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xlabel("block size (targets)")
+    axes[2].set_ylabel("XLA temp memory / device (MiB)")
+    axes[2].legend(fontsize=8)
+    for ax in axes[:2]:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("devices")
+    kind = "simulated CPU devices" if result["settings"].get("simulated_devices") else "devices"
+    fig.suptitle(f"kipnb scaling ({kind}, {result['machine'].get('cpu_count')} CPU cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    print("wrote", path)
 
 
 if __name__ == "__main__":
