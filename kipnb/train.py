@@ -47,6 +47,10 @@ Defaults (:class:`TrainConfig`) and why
 * Only the *final* test accuracy is reported (no model selection on the test set);
   ``eval_every`` records a curve in ``history`` for plots.
 
+Devices: the parameters are replicated and the training batch and evaluation blocks
+are split over all devices (:mod:`kipnb.shard`) when their size is a multiple of the
+device count (else replicated, with the same result).
+
 Inputs are NHWC images ``(N, H, W, C)`` preprocessed exactly as the support set was
 (fit the preprocessing on the training split, apply it to the test split). Training
 runs in float32 even when ``jax_enable_x64`` is on. Each step is one jit-compiled
@@ -70,7 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kipnb import archs, krr
+from kipnb import archs, krr, shard
 from kipnb.distilled import DistilledSet
 
 __all__ = ["ARCH_DEFAULTS", "LOSSES", "OPTIMIZERS", "TrainConfig", "train_network", "transfer"]
@@ -418,6 +422,14 @@ def _trainer(config: TrainConfig, num_classes: int) -> _Trainer:
     return _Trainer(init_fn, opt, jax.jit(net), step, jax.jit(objective), predict)
 
 
+def _place(x: np.ndarray, m=None) -> jax.Array:
+    """``x`` split over the devices along its first axis if it divides, else replicated."""
+    m = shard.mesh() if m is None else m
+    if x.shape[0] % shard.device_count(m) == 0:
+        return shard.shard_batch(x, m)
+    return shard.replicate(x, m)
+
+
 def _accuracy(trainer: _Trainer, params, params0, x: np.ndarray, labels: np.ndarray,
               block: int) -> float:
     """Fraction correct, evaluated in padded blocks of ``block`` rows (one compilation)."""
@@ -429,7 +441,7 @@ def _accuracy(trainer: _Trainer, params, params0, x: np.ndarray, labels: np.ndar
         m = xb.shape[0]
         if m < block:  # pad to the block size so every block reuses the compiled code
             xb = np.concatenate([xb, np.zeros((block - m, *x.shape[1:]), x.dtype)])
-        pred = np.asarray(trainer.predict(params, params0, jnp.asarray(xb, jnp.float32)))
+        pred = np.asarray(trainer.predict(params, params0, _place(np.asarray(xb, np.float32))))
         correct += int((pred[:m] == labels[start:start + m]).sum())
     return correct / n
 
@@ -495,12 +507,16 @@ def train_network(
 
     key = jax.random.PRNGKey(int(seed))
     _, params = trainer.init_fn(key, (-1, *x_train.shape[1:]))
-    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), params)
+    # Devices (kipnb.shard): parameters replicated, the training batch split over all
+    # devices when its size allows (else replicated; same result), so jit partitions it.
+    m = shard.mesh()
+    params = shard.replicate(jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32),
+                                                    params), m)
     params0 = params
     opt_state = trainer.opt.init(params)
     batch_key = jax.random.fold_in(key, 1)
-    x = jnp.asarray(x_train, jnp.float32)
-    y = jnp.asarray(y_train, jnp.float32)
+    x = _place(np.asarray(x_train, np.float32), m)
+    y = _place(np.asarray(y_train, np.float32), m)
     f0 = trainer.net(params0, x) if config.center else jnp.zeros_like(y)
     x_test = np.asarray(x_test, np.float32)
     train_labels = y_train.argmax(axis=1)

@@ -67,6 +67,13 @@ def compute() -> dict:
     res = kip.run(dataclasses.replace(cfg, steps=1, target_batch_size=1797 - 3,
                                       target_sampling="uniform"), d, progress=False)
     out["kip_loss_odd"] = res.history["loss"]
+
+    from kipnb import train
+
+    tcfg = train.TrainConfig(arch="fc", depth=1, width=64, steps=20, seeds=(0,))
+    r = train.train_network(tcfg, d.x_train[:40], y_s, d.x_test[:200], d.labels_test[:200])
+    out["train_outputs"] = np.asarray(r["train_outputs"]).tolist()
+    out["train_test_acc"] = r["test_acc"]
     return out
 
 
@@ -120,6 +127,11 @@ def test_kip_equal(multi, single):
     _close(multi["kip_loss"], single["kip_loss"])
     _close(multi["kip_images"], single["kip_images"])
     _close(multi["kip_loss_odd"], single["kip_loss_odd"])
+
+
+def test_finite_network_training_equal(multi, single):
+    _close(multi["train_outputs"], single["train_outputs"], rtol=1e-4)
+    assert abs(multi["train_test_acc"] - single["train_test_acc"]) <= 0.01
 
 
 def test_shard_helpers():
