@@ -307,9 +307,7 @@ def kip_loss(kernel_fn, get: str, reg, x_s, y_s, x_t, y_t, weights=None):
     """
     k_ss = kernel_fn(x_s, None, get)
     k_ts = kernel_fn(x_t, x_s, get)
-    n = k_ss.shape[0]
-    lam = reg * jnp.trace(k_ss) / n
-    lower, _ = cho_factor(k_ss + lam * jnp.eye(n, dtype=k_ss.dtype), lower=True)
+    lower, _ = cho_factor(krr.regularized(k_ss, reg), lower=True)
     pred = jnp.matmul(k_ts, cho_solve((lower, True), y_s), precision=HIGHEST)
     per_target = 0.5 * jnp.mean((pred - y_t) ** 2, axis=1)
     if weights is not None:

@@ -123,24 +123,11 @@ def _flat(x) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
-def _blocks(n: int, size: int):
-    for start in range(0, n, size):
-        yield start, min(start + size, n)
-
-
 def _pad(a: np.ndarray, size: int) -> np.ndarray:
     """Pad a block to ``size`` rows by repeating its first row (one compiled shape)."""
     if len(a) == size:
         return a
     return np.concatenate([a, np.repeat(a[:1], size - len(a), axis=0)])
-
-
-def _progress(it, total, on, desc):
-    if not on:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, total=total, desc=desc, leave=False)
 
 
 # -------------------------------------------------------------- KRR sensitivity
@@ -183,9 +170,9 @@ def _nystrom_scores(kernel_fn, get, x, y, landmarks, reg, ridge, bs, dtype, prog
     g = jnp.zeros((m, m), dtype)
     b = jnp.zeros((m, C), dtype)
     yy = jnp.zeros((C, C), dtype)
-    blocks = list(_blocks(n, bs))
+    blocks = list(krr._block_slices(n, bs))
     feats = []  # n x m features, kept for the second pass (no second kernel evaluation)
-    for start, stop in _progress(blocks, len(blocks), progress, desc):
+    for start, stop in krr._progress(blocks, len(blocks), progress, desc):
         phi, finite = _nystrom(kernel_fn, get, x_m, lower, jnp.asarray(_pad(x[start:stop], bs),
                                                                          dtype))
         if not bool(finite):
@@ -718,7 +705,7 @@ class ImportanceSampler:
             pool = np.sort(rng.choice(N, self.pool_size, replace=False))
         losses = np.empty(len(pool))
         bs = min(self.block_size, len(pool))
-        for start, stop in _blocks(len(pool), bs):
+        for start, stop in krr._block_slices(len(pool), bs):
             rows = pool[start:stop]
             out = np.asarray(self.loss_fn(support, _pad(self.x[rows], bs),
                                           _pad(self.y[rows], bs)), np.float64)
