@@ -163,3 +163,27 @@ def test_convnet_trains_on_digits():
     pred = jnp.argmax(net.apply(params, jnp.asarray(test.images)), -1)
     acc = float(jnp.mean(pred == jnp.asarray(test.labels)))
     assert acc > 0.8, acc
+
+
+@pytest.mark.parametrize("pad, c", [(1, 3), (3, 1)])
+def test_im2col_conv_equals_xla_conv_with_second_derivatives(pad, c):
+    net = nets.ConvNet(width=6, depth=2, first_padding=pad)
+    with jax.enable_x64(True):
+        params = net.init(jax.random.PRNGKey(0), (10, 10, c), jnp.float64)
+        x = jax.random.normal(jax.random.PRNGKey(1), (3, 10, 10, c), jnp.float64)
+        np.testing.assert_allclose(net.apply(params, x, conv="im2col"), net.apply(params, x),
+                                   rtol=1e-12, atol=1e-12)
+
+        def meta(xx, conv):  # grad w.r.t. x of a loss after one gradient step on the params
+            def loss(p):
+                return jnp.sum(net.apply(p, xx, conv=conv) ** 2)
+            g = jax.grad(loss)(params)
+            p1 = jax.tree_util.tree_map(lambda a, b: a - 0.1 * b, params, g)
+            return jnp.sum(net.apply(p1, xx, conv=conv))
+
+        g_x = jax.grad(meta)(x, "xla")
+        g_i = jax.grad(meta)(x, "im2col")
+        assert float(jnp.abs(g_x).max()) > 0
+        np.testing.assert_allclose(g_i, g_x, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="Unknown conv 'fft'"):
+        net.apply(params, x, conv="fft")
