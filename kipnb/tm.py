@@ -553,6 +553,22 @@ class _Matcher:
         return loss, (g_im, g_lab, g_lr)
 
 
+_MATCHERS: dict = {}
+
+
+def _matcher_for(net, template, config: TMConfig) -> _Matcher:
+    """A cached :class:`_Matcher`: runs with the same network and student settings share
+    their compiled functions (a notebook or a test calls :func:`run` many times)."""
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    key = (net, treedef, tuple((x.shape, str(x.dtype)) for x in leaves), config.augment,
+           config.soft_labels, config.resolved_loop(), jax.default_backend())
+    if key not in _MATCHERS:
+        if len(_MATCHERS) >= 8:
+            _MATCHERS.pop(next(iter(_MATCHERS)))
+        _MATCHERS[key] = _Matcher(net, template, config)
+    return _MATCHERS[key]
+
+
 def _minibatches(rng: np.random.Generator, n: int, batch: int, steps: int) -> np.ndarray:
     """(steps, batch) indices: consecutive chunks of fresh permutations (MTT's order)."""
     per = n // batch
@@ -596,13 +612,14 @@ class TMResult:
 def _empty_history() -> dict:
     return {"iteration": [], "loss": [], "start_epoch": [], "window_hi": [], "expert": [],
             "lr": [], "skipped": [], "eval_iteration": [], "test_acc": [], "test_std": [],
-            "wall_time": []}
+            "eval": [], "wall_time": []}
 
 
 def _config_diff(old: dict, new: dict) -> list[str]:
     keys = sorted(set(old) | set(new))
+    free = ("iterations", "eval_every", "eval_at_end", "checkpoint_every")
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
-            if old.get(k) != new.get(k) and k not in ("eval_every", "checkpoint_every")]
+            if old.get(k) != new.get(k) and k not in free]
 
 
 def _check(config: TMConfig, data: experts.TMData, traj: experts.Trajectories):
@@ -649,10 +666,12 @@ def run(
       trajectories: :func:`kipnb.experts.train_experts` / ``load_trajectories``.
       checkpoint_dir: where ``tm_checkpoint.npz`` is written every
         ``config.checkpoint_every`` iterations and at the end; a checkpoint of the same
-        run found there is resumed (exactly), one of another run is refused and kept.
+        run found there is resumed (exactly; a larger ``iterations`` continues a finished
+        run), one of another run is refused and kept.
       callback: called after every iteration with a dict (``iteration``, ``loss``,
-        ``start_epoch``, ``window_hi``, ``lr``, ``skipped``, ``last``, and ``test_acc``
-        after an evaluation), e.g. :class:`kipnb.viz.LivePlot`.
+        ``start_epoch``, ``window_hi``, ``lr``, ``skipped``, ``last``, the current
+        model-space ``images`` and ``labels``, and ``test_acc`` after an evaluation), e.g.
+        :class:`kipnb.viz.LivePlot`, or a function keeping snapshots of the images.
       progress: tqdm progress bar.
       initial: ``dict(images=..., labels=...)`` to start from instead of ``init``.
 
@@ -711,8 +730,13 @@ def run(
         opt_state = jax.tree_util.tree_map(jnp.asarray, loaded["opt"])
         history, start_it, elapsed = meta["history"], int(meta["iteration"]), float(meta["elapsed"])
     saved = [start_it] if ckpt is not None and start_it > 0 else []
+    last_eval: list = [None]
+    if history["eval"] and history["eval_iteration"][-1] == start_it:
+        e = history["eval"][-1]
+        last_eval[0] = experts.EvalResult(**{**e, "accuracies": tuple(e["accuracies"]),
+                                             "train_accuracy": tuple(e["train_accuracy"])})
 
-    matcher = _Matcher(trajectories.net, trajectories.template, config)
+    matcher = _matcher_for(trajectories.net, trajectories.template, config)
     t0 = time.perf_counter()
 
     def save(it):
@@ -724,8 +748,6 @@ def run(
                          "history": history, "elapsed": elapsed + time.perf_counter() - t0})
         saved[:] = [it]
 
-    last_eval: list = [None]
-
     def evaluate(it):
         res = experts.evaluate(np.asarray(state["images"]), _eval_labels(config, state),
                                data, trajectories.net, lr=float(state["lr"]),
@@ -733,6 +755,7 @@ def run(
         history["eval_iteration"].append(it)
         history["test_acc"].append(res.mean)
         history["test_std"].append(res.std)
+        history["eval"].append(dataclasses.asdict(res))
         history["wall_time"].append(elapsed + time.perf_counter() - t0)
         last_eval[0] = res
         return res.mean
@@ -780,7 +803,8 @@ def run(
                 history[k].append(v)
             info = {"iteration": done, "step": done, "loss": loss, "start_epoch": start_ep,
                     "window_hi": hi, "lr": lr_now, "skipped": bool(skipped),
-                    "last": done == config.iterations}
+                    "last": done == config.iterations,
+                    "images": state["images"], "labels": state["labels"]}
             if config.eval_every and done % config.eval_every == 0 and done < config.iterations:
                 info["test_acc"] = evaluate(done)
             every = config.checkpoint_every

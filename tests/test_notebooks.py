@@ -90,6 +90,43 @@ def check_05(r):
     assert r["n_test"] == 449 and r["dataset"] == "digits"
 
 
+def check_06(r):
+    assert r["method"] == "mtt" and r["ipc"] == 1 and r["dataset"] == "digits"
+    h = r["history"]
+    assert h["iteration"] == list(range(1, 11)) and len(h["loss"]) == 10
+    assert r["snapshot_iterations"] == [0, 2, 5, 7, 10]
+    assert all(0 < x < 2 for x in h["loss"]), h["loss"]
+    assert set(h["start_epoch"]) <= {0, 1}  # MTT's window [0, MAX_START_EPOCH = 2)
+    assert r["learned_lr"] != r["lr_initial"] == 0.05 and r["learned_lr"] > 0
+    assert r["pixel_change"] > 0.01  # the images were learned
+    assert min(r["experts"]["final_test_acc"]) > 0.25 and r["experts"]["epochs"] == 4
+    for k in ("initial", "distilled", "distilled_experts_lr"):
+        assert len(r[k]["accs"]) == 2 and r[k]["std"] >= 0, r[k]
+        assert 0.25 < r[k]["mean"] <= 1, r[k]  # chance is 0.1
+    by_hand = r["matching_by_hand"]["loss"]["0"]
+    assert len(by_hand) == 7 and 0 < min(by_hand) < 1  # some student lr gets closer than the start
+    assert r["seconds"]["distill"] > 0 and r["n_test"] == 449
+
+
+def check_07(r):
+    assert r["method"] == "datm" and r["ipc"] == 1 and r["dataset"] == "digits"
+    w = r["window"]
+    assert w["hi"] == [1, 1, 2, 2, 3, 3, 3, 3], w  # grows 1 -> 3 by EXPANSION_END = 4
+    assert all(lo <= s < hi for lo, s, hi in zip(w["lo"], w["start_epoch"], w["hi"], strict=True))
+    assert len(r["history"]["loss"]) == len(r["mtt_history"]["loss"]) == 8
+    assert r["skipped"] == sum(r["history"]["skipped"]) and 0 <= r["skipped"] <= 8
+    assert set(r["mtt_history"]["start_epoch"]) <= {0, 1, 2}
+    sl = r["soft_labels"]
+    assert sl["shape"] == [10, 10] and len(sl["initial_logits"]) == 10
+    assert sl["initial"]["argmax_is_class"] == 1.0  # experts' logits on images they get right
+    assert sl["max_logit_change"] > 1e-3  # the soft labels were learned
+    assert r["learned_lr"]["datm"] != r["learned_lr"]["initial"] == 0.05
+    assert len(r["accuracy"]) == 4
+    for name, a in r["accuracy"].items():
+        assert len(a["accs"]) == 2 and 0.2 < a["mean"] <= 1, (name, a)  # chance is 0.1
+    assert r["mtt"] == r["accuracy"]["MTT"]["mean"] and r["datm"] == r["accuracy"]["DATM"]["mean"]
+
+
 # Tiny parameters per notebook (keys: notebook stems) and the checks on its results.
 TINY = {
     "00_datasets": ({"DATASET": "digits", "IPC_SHOW": 2, "N_FIT": None}, check_00),
@@ -126,6 +163,19 @@ TINY = {
          "TARGET_BATCH": 200, "EVAL_EVERY": 5, "N_TEST": None, "LS_TARGETS": None,
          "LANDMARKS": 20, "KMEANS_K": 3, "REFRESH_EVERY": 3, "SHOW_IPC": 2},
         check_05,
+    ),
+    "06_trajectory_matching": (
+        {"DATASET": "digits", "N_TRAIN": None, "WIDTH": 8, "NUM_EXPERTS": 2, "EXPERT_EPOCHS": 4,
+         "EXPERT_LR": 0.05, "EXPERT_BATCH": 16, "AUGMENT": "none", "ITERATIONS": 10,
+         "SYN_STEPS": 5, "EVAL_EPOCHS": 100, "SEEDS": 2},
+        check_06,
+    ),
+    "07_datm": (
+        {"DATASET": "digits", "N_TRAIN": None, "WIDTH": 8, "NUM_EXPERTS": 2, "EXPERT_EPOCHS": 4,
+         "EXPERT_LR": 0.05, "EXPERT_BATCH": 16, "AUGMENT": "none", "ITERATIONS": 8,
+         "SYN_STEPS": 4, "CURRENT_MAX_START_EPOCH": 1, "MAX_START_EPOCH": 3,
+         "EXPANSION_END": 4, "EVAL_EPOCHS": 100, "SEEDS": 2},
+        check_07,
     ),
 }
 

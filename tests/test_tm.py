@@ -54,7 +54,7 @@ def setup(tmp_path_factory):
 def _cfg(**kw) -> tm.TMConfig:
     base = dict(ipc=1, iterations=4, syn_steps=3, expert_epochs=1, max_start_epoch=2,
                 lr_img=10.0, evaluation=EVAL, eval_at_end=False, loop="python",
-                checkpoint_every=1)
+                checkpoint_every=1, augment="crop_flip")  # cheap to compile
     return tm.TMConfig(**{**base, **kw})
 
 
@@ -131,15 +131,16 @@ def _loss_setup(dtype=jnp.float64):
     return net, tmpl, flat, im, idx, keys
 
 
-@pytest.mark.parametrize("soft", [False, True])
-def test_scan_and_python_loops_agree(soft):
+@pytest.mark.parametrize("soft, strategy", [(False, "crop_flip"), (True, None)])
+def test_scan_and_python_loops_agree(soft, strategy):
     with jax.enable_x64(True):
         net, tmpl, flat, im, idx, keys = _loss_setup()
         lab = jnp.eye(10, dtype=jnp.float64) * 3.0
         target = flat + 0.01 * jax.random.normal(jax.random.PRNGKey(4), flat.shape, jnp.float64)
         out = {}
         for loop in ("scan", "python"):
-            m = tm._Matcher(net, tmpl, _cfg(loop=loop, soft_labels=soft, syn_steps=5))
+            m = tm._Matcher(net, tmpl, _cfg(loop=loop, soft_labels=soft, syn_steps=5,
+                                            augment=strategy or tm.TMConfig().augment))
             out[loop] = m(im, lab, jnp.asarray(0.05, jnp.float64), flat, target, idx, keys)
         np.testing.assert_allclose(out["scan"][0], out["python"][0], rtol=1e-12)
         for a, b in zip(out["scan"][1], out["python"][1], strict=True):
@@ -151,7 +152,7 @@ def test_loss_is_zero_at_the_students_own_endpoint_and_one_without_steps():
     with jax.enable_x64(True):
         net, tmpl, flat, im, idx, keys = _loss_setup()
         lab = jnp.eye(10, dtype=jnp.float64)
-        step = tm._student_fns(net, tmpl, "color_crop_cutout_flip_scale_rotate", False)
+        step = tm._student_fns(net, tmpl, "crop_flip", False)
         w = flat
         for s in range(5):
             w = step(w, im, lab, 0.05, idx[s], keys[s])
@@ -167,8 +168,9 @@ def test_loss_is_zero_at_the_students_own_endpoint_and_one_without_steps():
 def test_mtt_run_learns_images_and_lr(setup, tmp_path):
     d, traj = setup
     seen = []
-    res = tm.run(_cfg(iterations=5, eval_at_end=True), d, traj, progress=False,
-                 checkpoint_dir=tmp_path, callback=seen.append)
+    full_dsa = tm.TMConfig().augment  # MTT's whole DSA strategy in this one run
+    res = tm.run(_cfg(iterations=5, eval_at_end=True, augment=full_dsa), d, traj,
+                 progress=False, checkpoint_dir=tmp_path, callback=seen.append)
     assert res.images.shape == (10, SIZE, SIZE, 1)
     assert len(res.history["loss"]) == 5 and [i["iteration"] for i in seen] == [1, 2, 3, 4, 5]
     assert all(0 <= s < 2 for s in res.history["start_epoch"])
@@ -183,6 +185,12 @@ def test_mtt_run_learns_images_and_lr(setup, tmp_path):
     assert res.evaluation is not None and len(res.evaluation.accuracies) == 2
     assert res.history["test_acc"] == [res.evaluation.mean]
     assert (tmp_path / tm.CHECKPOINT_NAME).exists()
+    assert seen[-1]["last"] and seen[-1]["images"].shape == (10, SIZE, SIZE, 1)
+    np.testing.assert_allclose(np.asarray(seen[-1]["images"]), res.images)
+    again = tm.run(_cfg(iterations=5, eval_at_end=True, augment=full_dsa), d, traj,
+                   progress=False, checkpoint_dir=tmp_path)  # finished: nothing reruns, the evaluation is kept
+    assert again.evaluation == res.evaluation and again.distilled.extra["test_acc"] == res.evaluation.mean
+    np.testing.assert_array_equal(again.images, res.images)
 
 
 def test_real_init_takes_real_images_of_each_class(setup):
@@ -240,7 +248,10 @@ def test_resume_is_exact_and_mismatch_is_refused(setup, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         tm.run(cfg, d, traj, progress=False, checkpoint_dir=tmp_path, callback=stop)
-    resumed = tm.run(cfg, d, traj, progress=False, checkpoint_dir=tmp_path)
+    part = tm.run(dataclasses.replace(cfg, iterations=3), d, traj, progress=False,
+                  checkpoint_dir=tmp_path)
+    assert len(part.history["loss"]) == 3
+    resumed = tm.run(cfg, d, traj, progress=False, checkpoint_dir=tmp_path)  # extends to 4
     np.testing.assert_array_equal(resumed.images, full.images)
     assert resumed.lr == full.lr
     assert resumed.history["loss"] == full.history["loss"]
