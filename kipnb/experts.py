@@ -132,7 +132,6 @@ PREPROCESSING = ("standardize", "zca", "none")
 HIGHEST = jax.lax.Precision.HIGHEST
 _EVAL_BLOCK = 1000  # test images per forward pass
 _SYNC_EVERY = 50  # evaluation: epochs between host syncs (NaN check, progress bar)
-_THIN = 4  # first convolutions with at most this many input channels use _thin_conv
 # Fields that may differ between the experts in a directory and a run adding to them.
 _FREE_FIELDS = {"num_experts"}
 _NAME = re.compile(r"expert_(\d{3,})\.npz")
@@ -465,71 +464,16 @@ def sgd_update(params, buf, grads, lr, momentum, weight_decay):
     return params, buf
 
 
-def _xla_conv(x, w, padding: int):
-    return jax.lax.conv_general_dilated(
-        x, w, (1, 1), [(padding, padding), (padding, padding)],
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=HIGHEST,
-    )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _thin_conv(x, w, padding: int):
-    """A 3x3 convolution (as nets.ConvNet's) whose kernel gradient is a patch matmul.
-
-    Forward: the same ``conv_general_dilated`` call as :class:`kipnb.nets.ConvNet`.
-    Backward: ``dW[k, c, o] = sum_{n,h,w} patch[n,h,w,k,c] * g[n,h,w,o]`` as one dot
-    (XLA:CPU computes the kernel gradient of a convolution with 1-3 input channels ~10x
-    slower); the input gradient is XLA's.
-    """
-    return _xla_conv(x, w, padding)
-
-
-def _thin_conv_fwd(x, w, padding):
-    return _xla_conv(x, w, padding), (x, w)
-
-
-def _thin_conv_bwd(padding, res, g):
-    x, w = res
-    n, h, wd, c = x.shape
-    ho, wo = h + 2 * padding - 2, wd + 2 * padding - 2
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    patches = jnp.stack([xp[:, i:i + ho, j:j + wo, :] for i in range(3) for j in range(3)],
-                        axis=3)  # (n, ho, wo, 9, c), tap k = 3 * i + j
-    dw = jnp.einsum("nhwkc,nhwo->kco", patches, g.astype(x.dtype), precision=HIGHEST)
-    dx = jax.vjp(lambda xx: _xla_conv(xx, w, padding), x)[1](g)[0]
-    return dx, dw.reshape(w.shape).astype(w.dtype)
-
-
-_thin_conv.defvjp(_thin_conv_fwd, _thin_conv_bwd)
-
-
-def _convnet_apply(net: nets.ConvNet, params: dict, x: jax.Array) -> jax.Array:
-    # Mirrors nets.ConvNet.apply (without its shape checks; tests/test_experts.py checks
-    # that outputs and gradients agree), with _thin_conv for a thin first convolution.
-    for d in range(net.depth):
-        block = params[f"block{d}"]
-        p = net.first_padding if d == 0 else 1
-        w = block["conv"]["w"].astype(x.dtype)
-        conv = _thin_conv if (d == 0 and w.shape[2] <= _THIN) else _xla_conv
-        x = conv(x, w, p) + block["conv"]["b"]
-        if net.norm == "instancenorm":
-            x = nets.instance_norm(x, block["norm"]["scale"], block["norm"]["bias"])
-        x = nets._avg_pool(jax.nn.relu(x))
-    x = x.reshape(x.shape[0], -1)
-    return jnp.matmul(x, params["head"]["w"], precision=HIGHEST) + params["head"]["b"]
-
-
 def apply_fn(net) -> Callable:
     """``net.apply`` for training: the same function, with faster gradients on CPU.
 
-    For a :class:`kipnb.nets.ConvNet` the forward pass is the same computation as
-    ``net.apply``; only the kernel gradient of a first convolution with at most 4 input
-    channels is computed differently (a patch matrix product, see the module docstring).
-    Other networks: ``net.apply`` itself. Call ``net.apply`` once first if the shapes
-    need checking (this function does not check them).
+    For a :class:`kipnb.nets.ConvNet`: ``net.apply(..., conv='patch_grad')`` -- the same
+    forward pass, with the kernel gradient of a first convolution with at most 4 input
+    channels computed as a matrix product of image patches (see the module docstring).
+    Other networks: ``net.apply`` itself.
     """
     if isinstance(net, nets.ConvNet):
-        return functools.partial(_convnet_apply, net)
+        return functools.partial(net.apply, conv="patch_grad")
     return net.apply
 
 

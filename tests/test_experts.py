@@ -184,7 +184,7 @@ def test_thin_conv_has_the_gradients_of_the_convolution():
     @jax.jit
     def both(x, w, g):
         out = []
-        for conv in (experts._thin_conv, experts._xla_conv):
+        for conv in (nets._patch_grad_conv, nets._xla_conv):
             y, vjp = jax.vjp(lambda a, b, conv=conv: conv(a, b, 1), x, w)
             out.append((y, *vjp(g)))
         return out
