@@ -237,8 +237,10 @@ METHODS = ("none", "standardize", "zca", "layernorm_zca", "standardize_zca")
 def make(method: str = "standardize", zca_reg: float = 0.1, relative: bool = True) -> Pipeline:
     """An unfitted pipeline by name: one of :data:`METHODS`.
 
-    ``'layernorm_zca'`` is KIP's preprocessing, ``'standardize_zca'`` MTT's (with
-    ``relative=False``); ``'none'`` is the identity.
+    ``'layernorm_zca'`` is KIP's preprocessing; MTT and DATM whiten the raw [0, 1]
+    pixels (``'zca'`` with ``relative=False``, no standardization first: their
+    ``get_dataset`` uses ``ToTensor()`` alone when ``--zca`` is set); ``'none'`` is the
+    identity.
     """
     steps: dict[str, Sequence] = {
         "none": (),
