@@ -22,6 +22,7 @@ file is reported, with its path, and left for the user.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
@@ -33,7 +34,8 @@ import numpy as np
 
 from kipnb.distilled import _jsonable, atomic_write_bytes
 
-__all__ = ["CheckpointError", "load", "save"]
+__all__ = ["CheckpointError", "check_resumable", "config_diff", "data_fingerprint", "load",
+           "read_meta", "save"]
 
 
 class CheckpointError(ValueError):
@@ -104,3 +106,40 @@ def load(path: str | os.PathLike, template: Any) -> tuple[Any, dict]:
                 f"run's state needs {want_dtype}{list(want_shape)}. {fix}"
             )
     return jax.tree_util.tree_unflatten(treedef, leaves), doc["meta"]
+
+
+def config_diff(saved: dict, now: dict, free=(), names=("in the checkpoint", "now")) -> list[str]:
+    """``'field: A in the checkpoint, B now'`` for every field (but ``free`` ones) that differs."""
+    keys = sorted((set(saved) | set(now)) - set(free))
+    return [f"{k}: {saved.get(k)!r} {names[0]}, {now.get(k)!r} {names[1]}"
+            for k in keys if saved.get(k) != now.get(k)]
+
+
+def check_resumable(path, config: dict, data: str, *, what: str, free=(),
+                    data_why: str = "the training data differ") -> dict:
+    """The meta of checkpoint ``path`` if it belongs to this run, else :class:`CheckpointError`.
+
+    "This run": the same ``config`` (a JSON-able dict) up to the ``free`` fields (those a
+    resumed run may change, e.g. the number of steps), and the same ``data`` fingerprint.
+    The error names the differing fields; the file is left in place.
+    """
+    meta = read_meta(path)
+    diff = config_diff(meta.get("config", {}), config, free)
+    if diff or meta.get("data") != data:
+        why = "; ".join(diff) if diff else data_why
+        raise CheckpointError(
+            f"Checkpoint {path} belongs to another {what} run ({why}). Use another "
+            f"checkpoint_dir, or move the file away to start afresh (it was left in place)."
+        )
+    return meta
+
+
+def data_fingerprint(x: np.ndarray, labels: np.ndarray) -> str:
+    """A short hash of a training set (shape, dtype, every ~n/64-th image, all labels),
+    stored in checkpoints and expert files to catch runs resumed on other data."""
+    x = np.asarray(x)
+    h = hashlib.sha256()
+    h.update(str((x.shape, x.dtype.str)).encode())
+    h.update(np.ascontiguousarray(x[:: max(1, len(x) // 64)]).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.hexdigest()[:16]

@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import re
 import time
@@ -378,11 +377,7 @@ class TMData:
 
     def fingerprint(self) -> str:
         """A short hash of the training data, stored with the experts to catch mix-ups."""
-        h = hashlib.sha256()
-        h.update(str((self.x_train.shape, self.x_train.dtype.str)).encode())
-        h.update(np.ascontiguousarray(self.x_train[:: max(1, len(self.x_train) // 64)]).tobytes())
-        h.update(np.ascontiguousarray(self.y_train).tobytes())
-        return h.hexdigest()[:16]
+        return checkpoint.data_fingerprint(self.x_train, self.y_train)
 
     def _device(self) -> dict:
         """The arrays as device arrays (made once, then cached on this object); the test
@@ -640,9 +635,7 @@ def _config_dict(config: ExpertConfig) -> dict:
 
 
 def _config_diff(a: dict, b: dict, a_name: str = "there", b_name: str = "here") -> list[str]:
-    keys = sorted((set(a) | set(b)) - _FREE_FIELDS)
-    return [f"{k}: {a.get(k)!r} {a_name}, {b.get(k)!r} {b_name}"
-            for k in keys if a.get(k) != b.get(k)]
+    return checkpoint.config_diff(a, b, _FREE_FIELDS, (a_name, b_name))
 
 
 def _expert_files(out_dir: Path) -> dict[int, Path]:

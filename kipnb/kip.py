@@ -236,11 +236,7 @@ class KIPData:
 
     def fingerprint(self) -> str:
         """A short hash of the training data, stored in checkpoints to catch mix-ups."""
-        h = hashlib.sha256()
-        h.update(str((self.x_train.shape, self.x_train.dtype.str)).encode())
-        h.update(np.ascontiguousarray(self.x_train[:: max(1, len(self.x_train) // 64)]).tobytes())
-        h.update(np.ascontiguousarray(self.labels_train).tobytes())
-        return h.hexdigest()[:16]
+        return checkpoint.data_fingerprint(self.x_train, self.labels_train)
 
 
 @dataclass(frozen=True, eq=False)
@@ -449,12 +445,6 @@ def checkpoint_dir_for(root, config: KIPConfig) -> Path:
     return Path(root) / f"kip_{config.arch}{depth}_ipc{config.ipc}_{h}"
 
 
-def _config_diff(saved: dict, now: dict) -> list[str]:
-    keys = sorted((set(saved) | set(now)) - _RESUMABLE_CHANGES)
-    return [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
-            for k in keys if saved.get(k) != now.get(k)]
-
-
 def _empty_history() -> dict:
     return {"step": [], "loss": [], "batch_acc": [], "eval_step": [], "test_acc": [],
             "test_mse": [], "wall_time": []}
@@ -568,14 +558,9 @@ def run(
     cfg_dict = dataclasses.asdict(config)
     fingerprint = d.fingerprint() + "/" + _hash_support(support)
     if ckpt is not None and ckpt.exists():
-        meta = checkpoint.read_meta(ckpt)
-        diff = _config_diff(meta.get("config", {}), cfg_dict)
-        if diff or meta.get("data") != fingerprint:
-            why = "; ".join(diff) if diff else "the training data or initial support differ"
-            raise CheckpointError(
-                f"Checkpoint {ckpt} belongs to another KIP run ({why}). Use another "
-                f"checkpoint_dir, or move the file away to start afresh (it was left in place)."
-            )
+        checkpoint.check_resumable(ckpt, cfg_dict, fingerprint, what="KIP",
+                                   free=_RESUMABLE_CHANGES,
+                                   data_why="the training data or initial support differ")
         template = {"trainable": trainable, "fixed": fixed, "opt_state": opt_state,
                     "sampler": sampler_state}
         state, meta = checkpoint.load(ckpt, template)

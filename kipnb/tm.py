@@ -81,7 +81,6 @@ from jax.flatten_util import ravel_pytree
 
 from kipnb import augment as augment_lib
 from kipnb import checkpoint, experts, nets
-from kipnb.checkpoint import CheckpointError
 from kipnb.distilled import DistilledSet
 
 __all__ = [
@@ -615,11 +614,7 @@ def _empty_history() -> dict:
             "eval": [], "wall_time": []}
 
 
-def _config_diff(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    free = ("iterations", "eval_every", "eval_at_end", "checkpoint_every")
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
-            if old.get(k) != new.get(k) and k not in free]
+_FREE = ("iterations", "eval_every", "eval_at_end", "checkpoint_every")  # may change on resume
 
 
 def _check(config: TMConfig, data: experts.TMData, traj: experts.Trajectories):
@@ -716,15 +711,8 @@ def run(
                   f"{trajectories.num_experts}x{trajectories.epochs}"
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if ckpt is not None and ckpt.exists():
-        meta = checkpoint.read_meta(ckpt)
-        diff = _config_diff(meta.get("config", {}), cfg_dict)
-        if diff or meta.get("data") != fingerprint:
-            why = "; ".join(diff) if diff else "the data or the experts differ"
-            raise CheckpointError(
-                f"Checkpoint {ckpt} belongs to another trajectory-matching run ({why}). Use "
-                f"another checkpoint_dir, or move the file away to start afresh (it was left "
-                f"in place)."
-            )
+        checkpoint.check_resumable(ckpt, cfg_dict, fingerprint, what="trajectory-matching",
+                                   free=_FREE, data_why="the data or the experts differ")
         loaded, meta = checkpoint.load(ckpt, {"state": state, "opt": opt_state})
         state = jax.tree_util.tree_map(jnp.asarray, loaded["state"])
         opt_state = jax.tree_util.tree_map(jnp.asarray, loaded["opt"])

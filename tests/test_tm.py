@@ -257,7 +257,7 @@ def test_resume_is_exact_and_mismatch_is_refused(setup, tmp_path):
     assert resumed.history["loss"] == full.history["loss"]
 
     before = (tmp_path / tm.CHECKPOINT_NAME).read_bytes()
-    with pytest.raises(CheckpointError, match=r"syn_steps: 3 -> 2.*left in place"):
+    with pytest.raises(CheckpointError, match=r"syn_steps: 3 in the checkpoint, 2 now.*left in place"):
         tm.run(dataclasses.replace(cfg, syn_steps=2), d, traj, progress=False,
                checkpoint_dir=tmp_path)
     assert (tmp_path / tm.CHECKPOINT_NAME).read_bytes() == before
