@@ -403,9 +403,14 @@ def _expert_params(traj: experts.Trajectories, expert: int, epoch: int):
     return nets.unflatten_params(jnp.asarray(traj.params[expert, epoch]), traj.template)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(net, params, x):
+    return net.apply(params, x)
+
+
 def _logits(net, params, x: np.ndarray, block: int = 1000) -> np.ndarray:
-    f = jax.jit(net.apply)
-    return np.concatenate([np.asarray(f(params, jnp.asarray(x[i:i + block])))
+    """``net``'s logits on ``x`` in blocks (one compilation per network and block shape)."""
+    return np.concatenate([np.asarray(_apply(net, params, jnp.asarray(x[i:i + block])))
                            for i in range(0, len(x), block)])
 
 
