@@ -22,6 +22,27 @@ def for_display(images: np.ndarray, mode: str = "clip") -> np.ndarray:
     raise ValueError(f"Unknown display mode {mode!r}: use 'clip' or 'minmax'.")
 
 
+def _hard(labels, n: int, what: str) -> np.ndarray:
+    """Integer classes from classes (N,) or scores (N, C) (their argmax)."""
+    y = np.asarray(labels)
+    if y.ndim == 2:
+        y = np.argmax(y, axis=1)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(
+            f"{what} must be classes (N,) or scores (N, C) for the N={n} images; got shape "
+            f"{np.shape(labels)}."
+        )
+    if y.size and (y.min() < 0 or not np.all(y == np.round(y))):
+        raise ValueError(f"{what} must be non-negative integer classes, got {y[:5]} ...")
+    return y.astype(int)
+
+
+def _name(c: int, class_names: Sequence[str] | None) -> str:
+    if class_names is not None and 0 <= c < len(class_names):
+        return str(class_names[c])
+    return str(c)
+
+
 def image_grid(
     images: np.ndarray,
     labels: np.ndarray | None = None,
@@ -31,39 +52,89 @@ def image_grid(
     title: str | None = None,
     size: float = 1.1,
     axes=None,
+    classes: np.ndarray | None = None,
 ):
-    """Show images (N, H, W, C) in a grid, labelled by class; returns the figure.
+    """Show images (N, H, W, C) in a grid, one column per class; returns the figure.
 
-    With class-sorted labels and ``ncols=None``, each column is one class.
+    Each image is placed and titled by its class: ``classes`` when given (for a distilled
+    set: the class each image was created for), else the class of ``labels``. ``labels``
+    may be classes ``(N,)`` or scores ``(N, C)`` -- learned, solved or soft labels, whose
+    argmax is used. When both are given and an image's label argmax differs from its
+    class, its title adds the label's class as ``→ name`` (a learned label that drifted).
+
+    Any labels fit: with one column per class the grid has as many rows as the largest
+    class, and smaller classes leave blanks. With ``axes`` (a 1-D or 2-D array of axes,
+    for instance some rows of a larger figure) the layout takes the axes' shape: the first
+    images of each class that fit are shown, the rest are left out, spare axes stay blank.
+
+    Args:
+        images: (N, H, W, C) images, mapped to [0, 1] by ``mode`` (see :func:`for_display`).
+        labels: optional classes (N,) or label scores (N, C).
+        class_names: optional names indexed by class.
+        ncols: columns of a new figure; ``None``: one per class present (10 unlabelled).
+            Ignored when ``axes`` is given.
+        mode: ``'clip'`` or ``'minmax'``.
+        title: optional figure title.
+        size: inches per image.
+        axes: optional matplotlib axes to draw into instead of a new figure.
+        classes: optional (N,) class each image was created for.
+
+    Returns:
+        The matplotlib figure.
+
+    Example:
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).random((5, 8, 8, 1))
+        >>> soft = np.eye(3)[[0, 0, 1, 2, 1]]  # the last image's label drifted to class 1
+        >>> fig = image_grid(x, soft, ["a", "b", "c"], classes=[0, 0, 1, 2, 2])
+        >>> [ax.get_title() for ax in fig.axes]
+        ['a', 'b', 'c', 'a', '', 'c → b']
     """
     x = for_display(images, mode)
     n = x.shape[0]
-    if ncols is None:
-        ncols = len(np.unique(labels)) if labels is not None and np.ndim(labels) == 1 else 10
-        ncols = max(1, min(ncols, n))
-    order = np.arange(n)
-    if labels is not None and np.ndim(labels) == 1 and ncols == len(np.unique(labels)):
-        # one column per class: image j of class c goes to row j, column c
-        per = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-        rows = max(len(p) for p in per)
-        order = np.full(rows * ncols, -1)
-        for c, idx in enumerate(per):
-            order[np.arange(len(idx)) * ncols + c] = idx
-    nrows = int(np.ceil(len(order) / ncols))
+    lab = _hard(labels, n, "labels") if labels is not None else None
+    cls = _hard(classes, n, "classes") if classes is not None else lab
+    if axes is not None:
+        grid = np.asarray(axes, dtype=object)
+        grid = grid.reshape(1, -1) if grid.ndim <= 1 else grid.reshape(grid.shape[0], -1)
+        fig = grid.flat[0].figure
+        nrows, ncols = grid.shape
+    elif ncols is None:
+        ncols = len(np.unique(cls)) if cls is not None else 10
+    ncols = max(1, int(ncols))
+    present = np.unique(cls) if cls is not None else None
+    if present is not None and len(present) <= ncols:
+        # image j of class c goes to row j of c's column: the class index itself when it
+        # fits (so a missing class leaves its column blank), else c's rank among the classes
+        rank = {int(c): k for k, c in enumerate(present)}
+        col = {c: (c if present.max() < ncols else r) for c, r in rank.items()}
+        per = {c: np.flatnonzero(cls == c) for c in rank}
+        if axes is None:
+            nrows = max(len(p) for p in per.values()) if per else 1
+        slots = np.full((nrows, ncols), -1)
+        for c, idx in per.items():
+            idx = idx[:nrows]
+            slots[np.arange(len(idx)), col[c]] = idx
+    else:  # unlabelled, or more classes than columns: row-major
+        if axes is None:
+            nrows = max(1, -(-n // ncols))
+        flat = np.full(nrows * ncols, -1)
+        k = min(n, flat.size)
+        flat[:k] = np.arange(k)
+        slots = flat.reshape(nrows, ncols)
     if axes is None:
-        fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.4))
-    else:
-        fig = np.ravel(axes)[0].figure
-    axes = np.atleast_1d(axes).ravel()
-    slots = np.concatenate([order, -np.ones(len(axes) - len(order), int)])
-    for ax, i in zip(axes, slots, strict=True):
+        fig, grid = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.4),
+                                 squeeze=False)
+    for ax, i in zip(grid.ravel(), slots.ravel(), strict=True):
         ax.axis("off")
         if i < 0:
             continue
         img = x[i]
         ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-        if labels is not None and np.ndim(labels) == 1:
-            name = class_names[labels[i]] if class_names is not None else str(labels[i])
+        if cls is not None:
+            name = _name(cls[i], class_names)
+            if classes is not None and lab is not None and lab[i] != cls[i]:
+                name += f" → {_name(lab[i], class_names)}"
             ax.set_title(name, fontsize=7)
     if title:
         fig.suptitle(title)
