@@ -38,7 +38,9 @@ import hashlib
 import io
 import os
 import pickle
+import shutil
 import struct
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -677,6 +679,71 @@ def class_balanced_sample(
     return dataset.images[idx], dataset.labels[idx]
 
 
+# ------------------------------------------------------------------ system packages
+
+
+def _command(argv: Sequence[str]) -> subprocess.CompletedProcess:  # indirection: tests replace it
+    return subprocess.run(
+        list(argv), capture_output=True, text=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+    )
+
+
+def apt_prefix() -> list[str] | None:
+    """How this process can run ``apt-get``: ``[]`` as root, ``["sudo", "-n"]`` where sudo
+    needs no password, ``None`` where it cannot (no apt-get, or no privileges)."""
+    if shutil.which("apt-get") is None:
+        return None
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return []
+    if shutil.which("sudo") and _command(["sudo", "-n", "true"]).returncode == 0:
+        return ["sudo", "-n"]
+    return None
+
+
+def install_system_package(name: str, log=print) -> tuple[bool, str]:
+    """Install dataset ``name``'s Debian/Ubuntu package with apt-get, where that is possible.
+
+    Used by ``python -m kipnb.data fetch`` (``make data``); :func:`load` never installs
+    anything. Runs ``apt-get install -y PACKAGE`` (after ``apt-get update`` if the first
+    try fails), as root or through ``sudo -n``.
+
+    Args:
+        name: a dataset with a system package (``fashion_mnist``).
+        log: called with one line saying what is being done.
+
+    Returns:
+        ``(installed, why)``: whether the package is now installed, and a sentence saying
+        what happened (for an error message when it is not).
+
+    Example:
+        >>> ok, why = install_system_package("digits")  # digits ship with scikit-learn
+        >>> ok, why
+        (False, 'digits has no system package.')
+    """
+    spec = _spec(name)
+    if not spec.apt_package:
+        return False, f"{name} has no system package."
+    prefix = apt_prefix()
+    if prefix is None:
+        return False, (
+            f"apt-get could not be used to install {spec.apt_package} (no apt-get, or not "
+            "root and sudo asks for a password)."
+        )
+    log(f"{spec.title} not found: installing the Debian package {spec.apt_package} "
+        f"({' '.join(prefix + ['apt-get', 'install', '-y', spec.apt_package])}) ...")
+    install = prefix + ["apt-get", "install", "-y", "-q", spec.apt_package]
+    r = _command(install)
+    if r.returncode != 0:
+        _command(prefix + ["apt-get", "update", "-q"])
+        r = _command(install)
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout or "").strip().splitlines()[-1:] or ["no output"]
+        return False, f"apt-get install {spec.apt_package} failed: {tail[0]}"
+    log(f"installed {spec.apt_package}.")
+    return True, f"installed {spec.apt_package}."
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -685,17 +752,33 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m kipnb.data", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="find or download a dataset and verify it")
+    f = sub.add_parser(
+        "fetch",
+        help="find a dataset; if it is missing, install its Debian package (when apt-get "
+        "is usable) or download it; verify it",
+    )
     f.add_argument("name", choices=sorted(DATASETS))
     f.add_argument("--data-dir", default=None)
     f.add_argument("--no-download", action="store_true")
+    f.add_argument("--no-apt", action="store_true", help="never run apt-get")
     args = p.parse_args(argv)
+    apt_note = ""
     try:
+        try:
+            fetch(args.name, args.data_dir, download=False)
+        except DataNotFoundError:
+            if not args.no_apt and _spec(args.name).apt_package:
+                ok, apt_note = install_system_package(args.name)
+                if not ok:
+                    print(f"note: {apt_note} Trying the download instead.", file=sys.stderr)
         for split in SPLITS:
             ds = load(args.name, split, args.data_dir, download=not args.no_download)
             print(f"{ds!r} from {ds.source}")
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        msg = f"error: {e}"
+        if apt_note and isinstance(e, DataNotFoundError):
+            msg += f" ({apt_note})"
+        print(msg, file=sys.stderr)
         return 1
     return 0
 

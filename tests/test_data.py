@@ -8,6 +8,7 @@ import hashlib
 import io
 import pickle
 import tarfile
+import types
 from pathlib import Path
 
 import jax
@@ -367,3 +368,87 @@ def test_gzip_of_wrong_content_is_not_trusted(tmp_path):
     with pytest.raises(ChecksumError):
         data.load("mnist", "test", tmp_path, download=False)
     assert Path(tmp_path / "t10k-labels-idx1-ubyte.gz").exists()
+
+
+# ------------------------------------------------------------- make data: the apt path
+
+
+class _FakeApt:
+    """Stands in for apt-get: records commands; 'installs' by writing the idx files."""
+
+    def __init__(self, target: Path | None, fail_first=False):
+        self.target, self.fail_first, self.calls = target, fail_first, []
+
+    def __call__(self, argv):
+        import subprocess
+
+        self.calls.append(list(argv))
+        if "install" in argv and (self.target is None or (self.fail_first and len(self.calls) == 1)):
+            return subprocess.CompletedProcess(argv, 100, "", "E: Unable to locate package")
+        if "install" in argv:
+            write_idx_set(self.target)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+
+def test_fetch_cli_installs_the_debian_package(capsys, tmp_path, monkeypatch):
+    _no_system_fashion(monkeypatch, tmp_path)
+    system = tmp_path / "no-such-dir"
+    fake = _FakeApt(system, fail_first=True)
+    monkeypatch.setattr(data, "_command", fake)
+    monkeypatch.setattr(data, "apt_prefix", lambda: [])
+    # the fake files are not the canonical ones: accept them for this test
+    loaded = []  # the fake files are not the canonical ones: check that load reads them
+    monkeypatch.setattr(data, "load", lambda name, split, d, download: loaded.append(
+        (split, data.fetch(name, d, download=False)["train_images"].parent))
+        or types.SimpleNamespace(source=d))
+    assert data._main(["fetch", "fashion_mnist"]) == 0
+    out = capsys.readouterr().out
+    assert "installing the Debian package dataset-fashion-mnist" in out
+    assert "installed dataset-fashion-mnist" in out
+    # failed once, then apt-get update, then the install again
+    assert fake.calls == [
+        ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"],
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"],
+    ]
+    assert loaded == [("train", system), ("test", system)]
+
+
+def test_fetch_cli_names_both_fixes_when_apt_and_download_fail(capsys, tmp_path, monkeypatch):
+    _no_system_fashion(monkeypatch, tmp_path)
+    monkeypatch.setattr(data, "_command", _FakeApt(None))
+    monkeypatch.setattr(data, "apt_prefix", lambda: ["sudo", "-n"])
+    assert data._main(["fetch", "fashion_mnist"]) == 1
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist failed: E: Unable to locate package" in err
+    assert "Trying the download instead" in err
+    assert "sudo apt-get install dataset-fashion-mnist" in err  # fix 1
+    assert "allow the download from http://fashion-mnist" in err  # fix 2
+    assert "network disabled in tests" in err
+
+
+def test_fetch_cli_without_apt_privileges_downloads(capsys, tmp_path, monkeypatch):
+    _no_system_fashion(monkeypatch, tmp_path)
+    calls = []
+    monkeypatch.setattr(data, "_command", lambda argv: calls.append(argv))
+    monkeypatch.setattr(data, "apt_prefix", lambda: None)
+    assert data._main(["fetch", "fashion_mnist"]) == 1
+    err = capsys.readouterr().err
+    assert "not root and sudo asks for a password" in err and calls == []
+    assert data._main(["fetch", "fashion_mnist", "--no-apt"]) == 1
+    assert "apt-get could not" not in capsys.readouterr().err
+
+
+def test_apt_prefix_as_root_or_sudo(monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(data.shutil, "which", lambda c: f"/usr/bin/{c}")
+    monkeypatch.setattr(data.os, "geteuid", lambda: 0)
+    assert data.apt_prefix() == []
+    monkeypatch.setattr(data.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(data, "_command", lambda a: subprocess.CompletedProcess(a, 0))
+    assert data.apt_prefix() == ["sudo", "-n"]
+    monkeypatch.setattr(data, "_command", lambda a: subprocess.CompletedProcess(a, 1))
+    assert data.apt_prefix() is None
+    monkeypatch.setattr(data.shutil, "which", lambda c: None)
+    assert data.apt_prefix() is None
