@@ -155,6 +155,30 @@ def _describe_failure(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def ipc_kernel_manager_class():
+    """A kernel manager whose kernels talk over IPC (Unix sockets) instead of TCP.
+
+    ipykernel 7 warns "Kernel is running over TCP without encryption" for every kernel
+    started on TCP; a headless run on one machine has no use for TCP, and IPC keeps the
+    kernel's traffic off the network. The sockets live beside the kernel's connection
+    file in Jupyter's runtime directory and are removed when the kernel shuts down.
+    Falls back to jupyter_client's default (TCP) where Unix sockets are not available.
+
+    Returns:
+        A subclass of ``jupyter_client.manager.AsyncKernelManager``, or ``None`` on Windows.
+    """
+    if os.name != "posix":
+        return None
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+    return IPCKernelManager
+
+
 def run_notebooks(
     notebooks: Sequence[Path],
     output: str | os.PathLike,
@@ -173,6 +197,8 @@ def run_notebooks(
     file_params = load_params_file(params_file) if params_file else {}
     per_nb = _split_params(notebooks, file_params, dict(params or {}))
     runs: list[NotebookRun] = []
+    km_class = ipc_kernel_manager_class()
+    extra = {"kernel_manager_class": km_class} if km_class is not None else {}
     for nb in notebooks:
         out_dir = output / nb.stem
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +219,7 @@ def run_notebooks(
                 cwd=str(nb.parent),
                 progress_bar=False,
                 execution_timeout=execution_timeout,
+                **extra,
             )
             if not results_path.is_file():
                 raise RunError(f"the notebook did not write {results_path}")

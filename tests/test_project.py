@@ -53,3 +53,10 @@ def test_readme_lists_every_notebook():
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         assert nb.name in readme, f"README does not list {nb.name}"
     assert re.search(r"python -m kipnb\.run", readme)
+
+
+def test_license_is_spdx_and_shipped():
+    assert pyproject()["license"] == "Apache-2.0"  # an SPDX string, not the deprecated table
+    assert "LICENSE" in pyproject()["license-files"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text

@@ -111,3 +111,11 @@ def test_parse_value():
     assert run.parse_value("10") == 10 and run.parse_value("0.5") == 0.5
     assert run.parse_value("true") is True and run.parse_value("[1, 10]") == [1, 10]
     assert run.parse_value("fashion_mnist") == "fashion_mnist"
+
+
+def test_kernels_run_over_ipc_not_tcp(tmp_path):
+    """No "Kernel is running over TCP without encryption" warning: kernels use IPC."""
+    from kipnb import run
+
+    cls = run.ipc_kernel_manager_class()
+    assert cls is not None and cls().transport == "ipc"
