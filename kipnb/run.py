@@ -8,8 +8,9 @@
     python -m kipnb.run --list                       # notebooks and their parameters
 
 Each notebook ``NAME.ipynb`` is executed into ``OUTPUT/NAME.ipynb`` with the parameter
-``OUTPUT_DIR`` set to ``OUTPUT/NAME/``, where it writes ``results.json`` and its files.
-The runner prints the time per notebook and a summary, writes ``OUTPUT/summary.json``,
+``OUTPUT_DIR`` set to ``OUTPUT/NAME/``, where it writes ``results.json`` and its files
+(distilled sets, checkpoints); the runner adds every figure the notebook showed as
+``OUTPUT/NAME/figures/cellNN-K.png``. Kernels talk over IPC, not TCP. The runner prints the time per notebook and a summary, writes ``OUTPUT/summary.json``,
 and exits non-zero when a notebook fails, naming the notebook and the failing cell.
 
 Parameters: ``-p NAME VALUE`` (VALUE is read as YAML, so ``10``, ``0.5``, ``true``,
@@ -34,7 +35,15 @@ from typing import Any
 
 import yaml
 
-__all__ = ["NotebookRun", "RunError", "find_notebooks", "notebook_parameters", "run_notebooks"]
+__all__ = [
+    "NotebookRun",
+    "RunError",
+    "export_figures",
+    "find_notebooks",
+    "ipc_kernel_manager_class",
+    "notebook_parameters",
+    "run_notebooks",
+]
 
 
 class RunError(RuntimeError):
@@ -105,6 +114,7 @@ class NotebookRun:
     seconds: float = 0.0
     error: str | None = None
     results: dict | None = field(default=None)
+    figures: int = 0
 
 
 def _split_params(
@@ -179,6 +189,45 @@ def ipc_kernel_manager_class():
     return IPCKernelManager
 
 
+def export_figures(executed_notebook: str | os.PathLike, figures_dir: str | os.PathLike) -> list[Path]:
+    """Write every PNG figure shown in an executed notebook to ``figures_dir``.
+
+    Files are named ``cellNN-K.png`` (the code cell's index in the notebook, the figure's
+    place among that cell's outputs), so a figure can be found from the notebook and
+    the other way round. Earlier exports in ``figures_dir`` are replaced.
+
+    Args:
+        executed_notebook: an ``.ipynb`` file with outputs (papermill's output notebook).
+        figures_dir: the directory to write into (created if needed).
+
+    Returns:
+        The paths written, in notebook order.
+
+    Example:
+        >>> export_figures("build/run/03_kip.ipynb", "build/run/03_kip/figures")  # doctest: +SKIP
+        [PosixPath('build/run/03_kip/figures/cell06-1.png'), ...]
+    """
+    import base64
+
+    nb = json.loads(Path(executed_notebook).read_text())
+    out_dir = Path(figures_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("cell*-*.png"):
+        old.unlink()
+    written = []
+    for i, cell in enumerate(nb.get("cells", [])):
+        k = 0
+        for output in cell.get("outputs", []):
+            png = output.get("data", {}).get("image/png")
+            if png is None:
+                continue
+            k += 1
+            path = out_dir / f"cell{i:02d}-{k}.png"
+            path.write_bytes(base64.b64decode("".join(png) if isinstance(png, list) else png))
+            written.append(path)
+    return written
+
+
 def run_notebooks(
     notebooks: Sequence[Path],
     output: str | os.PathLike,
@@ -224,13 +273,15 @@ def run_notebooks(
             if not results_path.is_file():
                 raise RunError(f"the notebook did not write {results_path}")
             run.results = json.loads(results_path.read_text())
+            run.figures = len(export_figures(run.output_notebook, out_dir / "figures"))
             run.ok = True
         except Exception as e:  # report every failure with the notebook named
             run.error = _describe_failure(e)
         run.seconds = time.perf_counter() - t0
         runs.append(run)
         if run.ok:
-            log(f"[kipnb.run] {nb.name} ok in {run.seconds:.1f} s", flush=True)
+            log(f"[kipnb.run] {nb.name} ok in {run.seconds:.1f} s ({run.figures} figures)",
+                flush=True)
         else:
             log(
                 f"[kipnb.run] {nb.name} FAILED after {run.seconds:.1f} s: {run.error}\n"
@@ -241,14 +292,17 @@ def run_notebooks(
                 break
     summary = [r.__dict__ for r in runs]
     (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _print_summary(runs, len(notebooks), log)
+    _print_summary(runs, len(notebooks), log, output)
     return runs
 
 
-def _print_summary(runs: Sequence[NotebookRun], total: int, log) -> None:
+def _print_summary(runs: Sequence[NotebookRun], total: int, log, output: Path) -> None:
     log("\n[kipnb.run] summary")
     for r in runs:
-        log(f"  {'ok    ' if r.ok else 'FAILED'} {r.seconds:8.1f} s  {Path(r.notebook).name}")
+        sets = len(list(Path(r.output_dir).glob("*.npz")))
+        made = f"results.json, {r.figures} figures, {sets} distilled sets" if r.ok else "-"
+        log(f"  {'ok    ' if r.ok else 'FAILED'} {r.seconds:8.1f} s  {Path(r.notebook).name:36s}"
+            f" {made}")
     skipped = total - len(runs)
     n_ok = sum(r.ok for r in runs)
     log(
@@ -256,6 +310,8 @@ def _print_summary(runs: Sequence[NotebookRun], total: int, log) -> None:
         + (f", {skipped} not run (use --keep-going)" if skipped else "")
         + f"; {sum(r.seconds for r in runs):.1f} s in all"
     )
+    log(f"  executed notebooks: {output}/NAME.ipynb; results.json, figures/*.png and "
+        f"distilled sets (*.npz): {output}/NAME/; this summary: {output}/summary.json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -119,3 +119,25 @@ def test_kernels_run_over_ipc_not_tcp(tmp_path):
 
     cls = run.ipc_kernel_manager_class()
     assert cls is not None and cls().transport == "ipc"
+
+
+def test_export_figures_writes_each_png_of_an_executed_notebook(tmp_path):
+    import base64
+    import json
+
+    from kipnb import run
+
+    png = base64.b64encode(b"\x89PNG fake").decode()
+    nb = {"cells": [
+        {"cell_type": "markdown", "source": "x"},
+        {"cell_type": "code", "outputs": [{"data": {"text/plain": "1"}},
+                                          {"data": {"image/png": png}},
+                                          {"data": {"image/png": [png[:4], png[4:]]}}]},
+    ]}
+    (tmp_path / "nb.ipynb").write_text(json.dumps(nb))
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "figs" / "cell09-1.png").write_bytes(b"stale")
+    paths = run.export_figures(tmp_path / "nb.ipynb", tmp_path / "figs")
+    assert [p.name for p in paths] == ["cell01-1.png", "cell01-2.png"]
+    assert all(p.read_bytes() == b"\x89PNG fake" for p in paths)
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["cell01-1.png", "cell01-2.png"]
