@@ -52,6 +52,7 @@ __all__ = [
     "Exercise",
     "Score",
     "check",
+    "failure",
     "grade",
     "make_student_copies",
     "reference",
@@ -507,39 +508,54 @@ def _diagnose(ex: Exercise, fn: Callable, cases: Sequence[dict]) -> tuple[str | 
     return None, len(cases)
 
 
-def check(name: str, fn: Callable, hidden: bool = False, seed: int | None = None) -> bool:
-    """Test the student's ``fn`` against kipnb's reference on random inputs.
-
-    Prints ``ok`` lines to stdout, or the message of what is wrong to **stderr** (which
-    nbgrader scores 0, like an error) without raising, so the notebook runs on.
+def failure(name: str, fn: Callable, hidden: bool = False, seed: int | None = None) -> str | None:
+    """What is wrong with the student's ``fn`` (None: nothing), on random inputs.
 
     Args:
       name: the exercise (a key of :data:`EXERCISES`).
       fn: the student's function.
-      hidden: the hidden test cases (other seeds, more and harder inputs) instead of
+      hidden: the hidden test cases (another seed, more and harder inputs) instead of
         the visible ones.
       seed: the random inputs' seed (default: 0 visible, 1 hidden).
 
     Returns:
-      True when every case passes. (Call it as a statement: a value shown as the cell's
-      result would be read by nbgrader as partial credit.)
+      The message of the first failing case, or None when every case passes.
+
+    Example:
+      >>> failure("importance_weights", lambda probs, indices: 1 / probs[indices])
+      'the factor 1/N is missing: the weights are 1 / (N p_i)'
+    """
+    ex = _exercise(name)
+    rng = np.random.default_rng((1 if hidden else 0) if seed is None else seed)
+    message, _ = _diagnose(ex, fn, ex.cases(rng, hidden))
+    return message
+
+
+def check(name: str, fn: Callable, hidden: bool = False, seed: int | None = None) -> None:
+    """The test cell's call: test ``fn`` against kipnb's reference on random inputs.
+
+    Prints an ``ok`` line to stdout, or ``FAILED name: message`` to **stderr**, which
+    nbgrader scores 0 like an error, without raising, so the notebook runs on. It
+    returns None on purpose: a value shown as the cell's result would be read by
+    nbgrader as partial credit.
+
+    Args:
+      name: the exercise (a key of :data:`EXERCISES`).
+      fn: the student's function.
+      hidden: run the hidden test cases.
+      seed: the random inputs' seed (default: 0 visible, 1 hidden).
 
     Example:
       >>> check("importance_weights", reference("importance_weights"))
-      importance_weights: 2 visible tests passed
-      True
+      importance_weights: visible tests passed
     """
-    ex = _exercise(name)
     kind = "hidden" if hidden else "visible"
-    rng = np.random.default_rng((1 if hidden else 0) if seed is None else seed)
-    cases = ex.cases(rng, hidden)
-    message, _ = _diagnose(ex, fn, cases)
+    message = failure(name, fn, hidden, seed)
     if message is None:
-        print(f"{name}: {len(cases)} {kind} tests passed", flush=True)
-        return True
+        print(f"{name}: {kind} tests passed", flush=True)
+        return
     sys.stdout.flush()
     print(f"FAILED {name} ({kind} tests): {message}", file=sys.stderr, flush=True)
-    return False
 
 
 def use(name: str, fn: Callable) -> Callable:
