@@ -779,6 +779,19 @@ def _submissions(root: Path) -> list[tuple[str, Path]]:
     return found
 
 
+def _params_for(path: Path, params: dict | None, params_file) -> dict:
+    """The parameters of one notebook: the file's global and own keys, then ``params``;
+    only those the notebook declares (one parameter set serves notebooks 01-07)."""
+    from kipnb.run import load_params_file, notebook_parameters
+
+    declared = notebook_parameters(path)
+    file_params = load_params_file(params_file) if params_file else {}
+    merged = {k: v for k, v in file_params.items() if not (k[:2].isdigit() and k[2:3] == "_")}
+    merged.update(file_params.get(path.stem) or {})
+    merged.update(params or {})
+    return {k: v for k, v in merged.items() if k in declared}
+
+
 def grade(submissions: str | Path, output_dir: str | Path = "build/grades",
           params: dict | None = None, params_file: str | Path | None = None,
           source_dir: str | Path | None = None, log=print) -> list[Score]:
@@ -788,7 +801,9 @@ def grade(submissions: str | Path, output_dir: str | Path = "build/grades",
       submissions: ``DIR/<student>/**/NN_name.ipynb``.
       output_dir: gets ``<student>/NN_name.ipynb`` (executed), ``scores.csv`` and
         ``scores.md``.
-      params, params_file: notebook parameters, as for :func:`kipnb.run.run_notebooks`.
+      params, params_file: notebook parameters, as for :func:`kipnb.run.run_notebooks`
+        (``NAME: value`` for all notebooks, ``02_label_solve: {...}`` for one), except
+        that a notebook which does not declare a parameter simply does not get it.
       source_dir: the instructor's notebooks (default ``notebooks/``), whose test cells
         replace the submitted ones.
       log: progress messages.
@@ -818,7 +833,8 @@ def grade(submissions: str | Path, output_dir: str | Path = "build/grades",
         restored.parent.mkdir(parents=True, exist_ok=True)
         nbformat.write(nb, restored)
         log(f"[kipnb.course] grading {student}/{path.name} ...", flush=True)
-        runs = run_notebooks([restored], work, params, params_file, log=lambda *a, **k: None)
+        runs = run_notebooks([restored], work, _params_for(restored, params, params_file),
+                             log=lambda *a, **k: None)
         executed = Path(runs[0].output_notebook)
         if executed.is_file():
             rows = score_notebook(nbformat.read(executed, as_version=4), student, path.stem)

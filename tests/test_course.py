@@ -184,3 +184,14 @@ def test_grade_instructor_blank_and_wrong_submissions(student_dir, tmp_path):
     assert rows[0] == "student,notebook,exercise,points,max_points,message" and len(rows) == 4
     md = (out / "scores.md").read_text()
     assert "labels are not centred" in md and "| instructor | 2 | 2 |" in md
+
+
+def test_cli_student_and_grade_of_nothing(tmp_path, capsys):
+    assert course.main(["student", "-o", str(tmp_path / "s")]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.ipynb")) == sorted(
+        p.name for p in NB_DIR.glob("[0-9][0-9]_*.ipynb"))
+    (tmp_path / "empty").mkdir()
+    assert course.main(["grade", str(tmp_path / "empty"), "-o", str(tmp_path / "g")]) == 0
+    assert (tmp_path / "g" / "scores.csv").read_text().strip() == (
+        "student,notebook,exercise,points,max_points,message")
+    assert '"rows": 0' in capsys.readouterr().out
