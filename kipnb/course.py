@@ -84,17 +84,27 @@ def _ref_solve_labels(k_ss, k_ts, labels_t, num_classes, reg, solve_reg):
     return krr.label_solve_kernels(k_ss, k_ts, y_t, reg=reg, solve_reg=solve_reg)
 
 
-def _ref_kip_loss(k_ss, k_ts, y_s, y_t, reg):
+@functools.cache
+def _kip_loss_of_kernels():
+    import jax
     import jax.numpy as jnp
 
     from kipnb import kip
 
-    k_ss, k_ts = jnp.asarray(k_ss), jnp.asarray(k_ts)
-    kernels = lambda a, b, get: k_ss if b is None else k_ts  # noqa: E731 (precomputed)
-    marker = jnp.zeros(1)  # kip_loss asks kernels(x_s, None) and kernels(x_t, x_s)
-    loss, _ = kip.kip_loss(kernels, "ntk", reg, marker, jnp.asarray(y_s), marker,
-                           jnp.asarray(y_t))
-    return loss
+    @jax.jit
+    def loss_of(k_ss, k_ts, y_s, y_t, reg):
+        kernels = lambda a, b, get: k_ss if b is None else k_ts  # noqa: E731 (precomputed)
+        marker = jnp.zeros(1)  # kip_loss asks kernels(x_s, None) and kernels(x_t, x_s)
+        return kip.kip_loss(kernels, "ntk", reg, marker, y_s, marker, y_t)[0]
+
+    return loss_of
+
+
+def _ref_kip_loss(k_ss, k_ts, y_s, y_t, reg):
+    import jax.numpy as jnp
+
+    return _kip_loss_of_kernels()(*(jnp.asarray(a, jnp.float32) for a in (k_ss, k_ts, y_s, y_t)),
+                                  reg)
 
 
 def _ref_krr_predict(k_ss, k_ts, y_s, reg):
@@ -110,11 +120,13 @@ def _ref_importance_weights(probs, indices):
 
 
 def _ref_normalized_distance(w_end, w_start, w_target):
+    import jax
     import jax.numpy as jnp
 
     from kipnb import tm
 
-    return tm.normalized_distance(jnp.asarray(w_end), jnp.asarray(w_start), jnp.asarray(w_target))
+    return jax.jit(tm.normalized_distance)(jnp.asarray(w_end), jnp.asarray(w_start),
+                                           jnp.asarray(w_target))
 
 
 def _ref_growing_window(iteration, min_start_epoch, current_max_start_epoch, max_start_epoch,

@@ -347,8 +347,13 @@ def label_solve_kernels(k_ss, k_ts, y_t, reg=DEFAULT_REG, solve_reg: float | Non
     if solve_reg is None:
         solve_reg = default_solve_reg(k_ss.dtype)
     _check_reg(solve_reg, "solve_reg")
+    return _label_solve_kernels_core(k_ss, k_ts.astype(k_ss.dtype), y_t, reg, solve_reg)
+
+
+@jax.jit
+def _label_solve_kernels_core(k_ss, k_ts, y_t, reg, solve_reg):
     lower, _ = cho_factor(regularized(k_ss, reg), lower=True)
-    a = cho_solve((lower, True), k_ts.astype(k_ss.dtype).T).T
+    a = cho_solve((lower, True), k_ts.T).T
     _, y_s = _tikhonov_solve(_matmul(a.T, a), _matmul(a.T, y_t), solve_reg)
     return y_s
 
