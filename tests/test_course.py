@@ -54,6 +54,16 @@ def test_reference_passes_and_each_mistake_gets_its_message(name):
     assert course.failure(name, ex.reference) is None
     assert course.failure(name, ex.reference, hidden=True) is None
     assert ex.mistakes
+
+    def blank(*args):
+        raise NotImplementedError()
+
+    with contextlib.redirect_stdout(io.StringIO()) as note:
+        fallback = course.use(name, blank)
+    assert fallback is ex.reference and "lesson continues" in note.getvalue()
+    case = ex.cases(np.random.default_rng(0), False)[0]
+    np.testing.assert_allclose(np.asarray(fallback(*case.values()), float),  # as the lesson calls it
+                               np.asarray(ex.reference(**case), float))
     for message, wrong in ex.mistakes:
         assert course.failure(name, wrong) == message
         assert course.failure(name, wrong, hidden=True) == message
