@@ -12,7 +12,7 @@ export MALLOC_ARENA_MAX = 1
 export MALLOC_MMAP_MAX_ = 0
 export MALLOC_TRIM_THRESHOLD_ = 2147483647
 
-.PHONY: run test setup data lint lab bench clean pin
+.PHONY: run test setup data lint lab bench clean pin student grade
 
 run: $(STAMP) data          ## execute every notebook on Fashion-MNIST into $(OUT)
 	$(BIN)/python -m kipnb.run --output $(OUT)
@@ -25,11 +25,18 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(PIN)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c $(PIN) -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(PIN) -e ".[dev,course]"
 	touch $(STAMP)
 
 data: $(STAMP)              ## find Fashion-MNIST (Debian package, cache) or download it with checksums
 	$(BIN)/python -m kipnb.data fetch fashion_mnist
+
+student: $(STAMP)           ## student copies of the notebooks (nbgrader preprocessors) into build/student
+	$(BIN)/python -m kipnb.course student --output build/student
+
+SUBMISSIONS ?= submitted
+grade: $(STAMP)             ## execute $(SUBMISSIONS)/<student>/*.ipynb with hidden tests -> build/grades/scores.{csv,md}
+	$(BIN)/python -m kipnb.course grade $(SUBMISSIONS) --output build/grades $(GRADE_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check kipnb tests benchmarks notebooks
@@ -41,7 +48,7 @@ lab: $(STAMP)               ## JupyterLab on the notebooks
 pin:                        ## re-pin the newest versions the registry serves (then run make test)
 	rm -rf build/pin && $(PYTHON) -m venv build/pin
 	build/pin/bin/python -m pip install -q --upgrade pip
-	build/pin/bin/python -m pip install -q -e ".[dev]"
+	build/pin/bin/python -m pip install -q -e ".[dev,course]"
 	build/pin/bin/python -m pip freeze --exclude-editable | grep -v '^kipnb' > $(PIN)
 
 clean:

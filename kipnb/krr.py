@@ -80,6 +80,7 @@ __all__ = [
     "krr_fit",
     "krr_predict",
     "label_solve",
+    "label_solve_kernels",
     "one_hot_targets",
     "regularized",
 ]
@@ -308,6 +309,53 @@ def accuracy(pred: jax.Array, labels: jax.Array) -> jax.Array:
             f"{pred.shape}, got {labels.shape}"
         )
     return jnp.mean(jnp.argmax(pred, axis=1) == labels)
+
+
+def label_solve_kernels(k_ss, k_ts, y_t, reg=DEFAULT_REG, solve_reg: float | None = None):
+    """Label Solve from precomputed kernels: the normal equations of :func:`label_solve`.
+
+    With ``A = k_ts (k_ss + reg * trace(k_ss)/n_s * I)^{-1}`` and ``G = A^T A``, returns
+    ``(G + mu I)^{-1} A^T y_t`` with ``mu = solve_reg * trace(G) / n_s``: what
+    :func:`label_solve` computes blockwise from a kernel function, here in one piece (for
+    small problems, tests and the exercise of notebook 02).
+
+    Args:
+      k_ss: ``(n_s, n_s)`` support kernel.
+      k_ts: ``(n_t, n_s)`` kernel between targets and support.
+      y_t: ``(n_t, C)`` targets, e.g. ``one_hot_targets(labels_t, C)`` (centred).
+      reg: KRR's relative ridge.
+      solve_reg: relative Tikhonov term; ``None``: :func:`default_solve_reg` of the dtype.
+
+    Returns:
+      ``(n_s, C)`` labels in ``k_ss``'s dtype.
+
+    Example:
+      >>> k = jnp.eye(3) * 2.0
+      >>> y = one_hot_targets(jnp.array([0, 1, 2]), 3)
+      >>> label_solve_kernels(k, k, y, reg=0.0, solve_reg=0.0).shape
+      (3, 3)
+    """
+    k_ss, k_ts = jnp.asarray(k_ss), jnp.asarray(k_ts)
+    _check_square(k_ss)
+    y_t = _as_2d_targets(jnp.asarray(y_t, k_ss.dtype), "y_t")
+    if k_ts.ndim != 2 or k_ts.shape != (y_t.shape[0], k_ss.shape[0]):
+        raise ValueError(
+            f"k_ts must be (n_t, n_s) = ({y_t.shape[0]}, {k_ss.shape[0]}) (rows of y_t, "
+            f"size of k_ss), got {k_ts.shape}"
+        )
+    _check_reg(reg)
+    if solve_reg is None:
+        solve_reg = default_solve_reg(k_ss.dtype)
+    _check_reg(solve_reg, "solve_reg")
+    return _label_solve_kernels_core(k_ss, k_ts.astype(k_ss.dtype), y_t, reg, solve_reg)
+
+
+@jax.jit
+def _label_solve_kernels_core(k_ss, k_ts, y_t, reg, solve_reg):
+    lower, _ = cho_factor(regularized(k_ss, reg), lower=True)
+    a = cho_solve((lower, True), k_ts.T).T
+    _, y_s = _tikhonov_solve(_matmul(a.T, a), _matmul(a.T, y_t), solve_reg)
+    return y_s
 
 
 def default_solve_reg(dtype) -> float:

@@ -63,6 +63,7 @@ __all__ = [
     "KRRLoss",
     "ablation_table",
     "auto_min_dist",
+    "importance_weights",
     "initial_support",
     "kmeans_sensitivity",
     "krr_sensitivity",
@@ -561,6 +562,28 @@ class KRRLoss:
                               jnp.asarray(x_block, x_s.dtype), jnp.asarray(y_block, x_s.dtype),
                               self.temperature)
         return np.asarray(out, np.float64)
+
+
+def importance_weights(probs, indices) -> np.ndarray:
+    """Unbiased importance weights ``w_b = 1 / (N p_{i_b})`` of a batch drawn from ``probs``.
+
+    For draws ``i_b ~ p`` (with replacement), ``E[mean_b w_b l_{i_b}] = (1/N) sum_i l_i``:
+    the weighted batch loss is an unbiased estimate of the full-data mean loss. These are
+    the weights :meth:`ImportanceSampler.sample` returns (not normalised).
+
+    Args:
+      probs: ``(N,)`` sampling probabilities of the training points (positive, sum 1).
+      indices: ``(B,)`` the drawn points.
+
+    Returns:
+      ``(B,)`` float64 weights.
+
+    Example:
+      >>> importance_weights(np.array([0.5, 0.25, 0.25]), np.array([0, 1]))
+      array([0.66666667, 1.33333333])
+    """
+    probs = np.asarray(probs, np.float64)
+    return 1.0 / (len(probs) * probs[np.asarray(indices)])
 
 
 class ImportanceSampler:

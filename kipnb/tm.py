@@ -96,6 +96,7 @@ __all__ = [
     "init_labels",
     "init_synthetic",
     "matching_loss",
+    "normalized_distance",
     "run",
     "start_epoch_window",
 ]
@@ -506,6 +507,24 @@ def _student_fns(net, template, strategy: str, soft: bool, conv: str = "xla"):
     return step
 
 
+def normalized_distance(end, start, target):
+    """MTT's normalised matching loss ``||end - target||^2 / ||start - target||^2``.
+
+    Args:
+      end: the student's flat parameters after its steps on the synthetic set.
+      start: the expert's flat parameters at the start epoch (where the student began).
+      target: the expert's flat parameters ``expert_epochs`` later.
+
+    Returns:
+      A scalar: 1 means the student ended as far from the target as it started.
+
+    Example:
+      >>> float(normalized_distance(jnp.ones(3), jnp.zeros(3), 2 * jnp.ones(3)))
+      0.25
+    """
+    return jnp.sum((end - target) ** 2) / jnp.sum((start - target) ** 2)
+
+
 def matching_loss(step, images, labels, lr, start, target, idx, keys):
     """MTT's normalized parameter distance after ``len(idx)`` student steps (scan form)."""
 
@@ -514,7 +533,7 @@ def matching_loss(step, images, labels, lr, start, target, idx, keys):
         return step(w, images, labels, lr, i, k), None
 
     w, _ = jax.lax.scan(body, start, (idx, keys))
-    return jnp.sum((w - target) ** 2) / jnp.sum((start - target) ** 2)
+    return normalized_distance(w, start, target)
 
 
 class _Matcher:

@@ -35,7 +35,7 @@ def test_ci_pins_satisfy_pyproject():
             name, version = line.split("==")
             pins[canonicalize_name(name)] = version
     opt = pyproject()["optional-dependencies"]
-    for r in map(Requirement, pyproject()["dependencies"] + opt["dev"]):
+    for r in map(Requirement, pyproject()["dependencies"] + opt["dev"] + opt["course"]):
         name = canonicalize_name(r.name)
         assert name in pins, f"{r.name} is not pinned in requirements/ci.txt (run make pin)"
         assert r.specifier.contains(pins[name]), f"pin {r.name}=={pins[name]} violates {r}"
