@@ -12,6 +12,10 @@ export MALLOC_ARENA_MAX = 1
 export MALLOC_MMAP_MAX_ = 0
 export MALLOC_TRIM_THRESHOLD_ = 2147483647
 
+# setuptools prints an "Editable installation" notice (about same-named folders in the
+# working directory) on every editable install, even under -q; it asks nothing of a user.
+QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
+
 .PHONY: run test setup data lint lab bench clean pin student grade
 
 run: $(STAMP) data          ## execute every notebook on Fashion-MNIST into $(OUT)
@@ -25,7 +29,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(PIN)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c $(PIN) -e ".[dev,course]"
+	$(QUIET_EDITABLE) $(BIN)/python -m pip install -q -c $(PIN) -e ".[dev,course]"
 	touch $(STAMP)
 
 data: $(STAMP)              ## find Fashion-MNIST (Debian package, cache) or download it with checksums
@@ -42,7 +46,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check kipnb tests benchmarks notebooks
 
 lab: $(STAMP)               ## JupyterLab on the notebooks
-	$(BIN)/python -m pip install -q -c $(PIN) -e ".[dev,lab]"
+	$(QUIET_EDITABLE) $(BIN)/python -m pip install -q -c $(PIN) -e ".[dev,lab]"
 	$(BIN)/jupyter lab notebooks
 
 pin:                        ## re-pin the newest versions the registry serves (then run make test)
