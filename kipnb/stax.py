@@ -81,8 +81,9 @@ and compilation (the FC-1 KIP step ran ~1.3x slower and compiled ~1.8x longer ch
 and their self pass runs on ``x1`` and ``x2`` separately instead of on a copy of both. ``kernel_fn`` checks shapes eagerly (clear errors), then
 calls one ``jax.jit``-compiled function, cached per network and input shapes, so
 repeated eager calls do not retrace. On the 2-core CPU this was developed on, the
-ConvNet-3 NTK runs 30-100x faster than neural-tangents 0.6.5 (forward, and forward +
-gradient), see ``benchmarks/kernel_speed.py`` and its saved results.
+ConvNet-3 NTK (with pooling) ran 20-50x faster than neural-tangents 0.6.5 (forward, and
+forward + gradient); dense kernels are between 0.4x (FC-3 gradients) and 4x, see
+``benchmarks/kernel_speed.py``, its saved results and the README.
 
 Numerics
 --------
