@@ -78,7 +78,8 @@ and near 256 MiB on GPU/TPU (untested here), which bounds memory; under ``jax.gr
 each chunk is rematerialised. Dense networks (one entry per pair, the cost is one
 matmul) are chunked only beyond 256 MiB: there the loop and the remat only cost time
 and compilation (the FC-1 KIP step ran ~1.3x slower and compiled ~1.8x longer chunked),
-and their self pass runs on ``x1`` and ``x2`` separately instead of on a copy of both. ``kernel_fn`` checks shapes eagerly (clear errors), then
+and their self pass runs on ``x1`` and ``x2`` separately instead of on a copy of both.
+``kernel_fn`` checks shapes eagerly (clear errors), then
 calls one ``jax.jit``-compiled function, cached per network and input shapes, so
 repeated eager calls do not retrace. On the 2-core CPU this was developed on, the
 ConvNet-3 NTK (with pooling) ran 20-50x faster than neural-tangents 0.6.5 (forward, and
