@@ -23,6 +23,26 @@ CPUs) does not favour either library. Usage::
     .venv/bin/python benchmarks/kernel_speed.py --out benchmarks/results/kernel_speed_cpu.json \\
         --nt-python build/ntenv/bin/python
 
+The *colab* suite (``--suites colab``, on by default) times the settings of Google
+Research's ``kip/KIP.ipynb`` colab (FC-1 NTK with ``W_std = sqrt(2)``, ``b_std = 0.1``,
+``KERNEL_FN = jax.jit(partial(kernel_fn, get='ntk'))``) in float32 and float64, on
+deterministic random 28x28x1 inputs generated inside each worker from the same seed:
+
+* ``FC-1 KIP step``: ``jax.value_and_grad`` of the colab's loss (``kernel_fn(x_s, x_s)``,
+  ``solve(..., assume_a='pos')``, ``reg = 1e-6``) w.r.t. the 100 support images, 5000
+  targets; its first call (tracing + compilation + one step) is the *compile* row;
+* ``FC-1 K_ts forward``: ``KERNEL_FN(x_t, x_s)``, 5000 x 100;
+* ``FC-1 Label Solve``: 100 support images, 10000 and 60000 targets in blocks of 1000
+  (kipnb: ``kipnb.krr.label_solve``; neural-tangents: the same normal-equation
+  algorithm written out in this script with its ``kernel_fn``); one call is the whole
+  solve, its first call includes compilation;
+* ``Conv KIP step``: the colab's 'Conv' option at depth 3 (three ``Conv(1024, (3, 3),
+  'SAME') -> Relu``, ``Flatten``, ``Dense``; no pooling), 10 support x 100 targets;
+* ``Myrtle-5 gradient``: the colab's Myrtle-5 (GlobalAvgPool), gradient of
+  ``sum(ntk(x1, x2))`` w.r.t. ``x1``, 2 x 4 pairs.
+
+The Conv and Myrtle rows are small (a couple of timed calls) to keep the run short.
+
 The worker mode (``--worker``) is internal: it is how the script runs itself under the
 other Python, and it imports only the library it measures.
 """
@@ -131,6 +151,156 @@ def measure_all(library: str, arrays: dict, settings: dict) -> tuple[list[dict],
     return rows, values
 
 
+COLAB_DTYPES = ("float32", "float64")
+
+
+def colab_net(stax, arch: str):
+    """The colab's networks (``get_kernel_fn``: FC depth 1, Conv depth 3, Myrtle-5)."""
+    W, b = np.sqrt(2), 0.1
+    if arch == "FC-1":
+        return stax.serial(stax.Flatten(), stax.Dense(1024, W_std=W, b_std=b), stax.Relu(),
+                           stax.Dense(10, W_std=W, b_std=b))
+    conv = [stax.Conv(1024, (3, 3), W_std=W, b_std=b, padding="SAME"), stax.Relu()]
+    if arch == "Conv":
+        return stax.serial(*(conv * 3), stax.Flatten(), stax.Dense(10, W_std=W, b_std=b))
+    if arch == "Myrtle-5":
+        pool = [stax.AvgPool((2, 2), strides=(2, 2))]
+        return stax.serial(*conv, *conv, *pool, *conv, *pool, *conv, stax.GlobalAvgPool(),
+                           stax.Dense(10, W_std=W, b_std=b))
+    raise ValueError(arch)
+
+
+def _jit_static_kernel(fn):
+    import jax
+
+    return jax.jit(fn, static_argnames=("kernel_fn",))
+
+
+def port_label_solve(kernel_fn, x_s, x_t, y_t, reg=1e-6, solve_reg=1e-6, block=1000):
+    """Label Solve by blocked normal equations (what ``kipnb.krr.label_solve`` computes).
+
+    ``kernel_fn(x1, x2)`` returns the NTK; its jitted blocks are cached per ``kernel_fn``
+    (a hashable object), so only the first call compiles.
+    """
+    import jax.numpy as jnp
+
+    global _PORT
+    if _PORT is None:
+        from jax.scipy.linalg import cho_factor, cho_solve
+
+        @_jit_static_kernel
+        def factor(x_s, kernel_fn):
+            k_ss = kernel_fn(x_s, x_s)
+            n = k_ss.shape[0]
+            return cho_factor(k_ss + reg * jnp.trace(k_ss) / n * jnp.eye(n, dtype=k_ss.dtype),
+                              lower=True)[0]
+
+        @_jit_static_kernel
+        def acc(gram, rhs, low, x_s, xb, yb, kernel_fn):
+            a = cho_solve((low, True), kernel_fn(xb, x_s).T).T
+            return gram + a.T @ a, rhs + a.T @ yb
+
+        _PORT = factor, acc
+    factor, acc = _PORT
+    low = factor(x_s, kernel_fn=kernel_fn)
+    n = low.shape[0]
+    gram = jnp.zeros((n, n), low.dtype)
+    rhs = jnp.zeros((n, y_t.shape[1]), low.dtype)
+    for start in range(0, x_t.shape[0], block):
+        gram, rhs = acc(gram, rhs, low, x_s, x_t[start:start + block],
+                        y_t[start:start + block], kernel_fn=kernel_fn)
+    mu = solve_reg * jnp.trace(gram) / n
+    return jnp.linalg.solve(gram + mu * jnp.eye(n, dtype=gram.dtype), rhs)
+
+
+_PORT = None
+
+
+def measure_colab(library: str, settings: dict) -> list[dict]:
+    """The colab-setting rows (see the module docstring), float32 and float64."""
+    import functools
+
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from jax import scipy as sp
+
+    if library == "kipnb":
+        from kipnb import krr, stax
+    else:
+        from neural_tangents import stax
+
+    rows = []
+    n_s, n_t = settings["colab_support"], settings["colab_targets"]
+    rng = np.random.default_rng(1)
+    base = {"xs": rng.standard_normal((n_s, 28, 28, 1)),
+            "xt": rng.standard_normal((max(settings["label_solve_targets"]), 28, 28, 1)),
+            "ys": np.eye(10)[np.arange(n_s) % 10] - 0.1}
+    base["yt"] = np.eye(10)[rng.integers(0, 10, base["xt"].shape[0])] - 0.1
+
+    def timed(case, dtype, fn, args, calls, pairs=None):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(fn(*args))
+            times.append(time.perf_counter() - t0)
+        rows.append({"case": case, "dtype": dtype, "first_call_s": first,
+                     "median_s": statistics.median(times), "times_s": times,
+                     "timed_calls": len(times), "pairs": pairs})
+        print(f"  [{library}] {case:34s} {dtype}  median {statistics.median(times):8.3f} s"
+              f"  first call {first:6.2f} s", flush=True)
+        return out
+
+    for dtype in COLAB_DTYPES:
+        dt = jnp.float64 if dtype == "float64" else jnp.float32
+        arr = {k: jnp.asarray(v, dt) for k, v in base.items()}
+        xs, ys = arr["xs"], arr["ys"]
+        xt, yt = arr["xt"][:n_t], arr["yt"][:n_t]
+        _, _, kfn = colab_net(stax, "FC-1")
+        kernel = jax.jit(functools.partial(kfn, get="ntk"))
+
+        def loss(x_support, y_support, x_target, y_target, kernel=kernel, reg=1e-6):
+            k_ss = kernel(x_support, x_support)
+            k_ts = kernel(x_target, x_support)
+            n = k_ss.shape[0]
+            k_reg = k_ss + jnp.abs(reg) * jnp.trace(k_ss) * jnp.eye(n) / n
+            pred = jnp.dot(k_ts, sp.linalg.solve(k_reg, y_support, assume_a="pos"))
+            return 0.5 * jnp.mean((pred - y_target) ** 2)
+
+        step = jax.jit(jax.value_and_grad(loss))
+        timed(f"FC-1 KIP step {n_s}x{n_t}", dtype, step, (xs, ys, xt, yt),
+              settings["colab_calls"], n_s * n_t)
+        timed(f"FC-1 K_ts forward {n_t}x{n_s}", dtype, kernel, (xt, xs),
+              settings["colab_calls"], n_s * n_t)
+        for n_ls in settings["label_solve_targets"]:
+            _, _, kfn_ls = colab_net(stax, "FC-1")  # fresh: the first call compiles
+            k_ls = functools.partial(kfn_ls, get="ntk")
+            x_ls, y_ls = arr["xt"][:n_ls], arr["yt"][:n_ls]
+            if library == "kipnb":
+                solve = functools.partial(krr.label_solve, kfn_ls, reg=1e-6, solve_reg=1e-6)
+            else:
+                solve = functools.partial(port_label_solve, k_ls)
+            timed(f"FC-1 Label Solve {n_s}x{n_ls}", dtype, solve, (xs, x_ls, y_ls), 2,
+                  n_s * n_ls)
+        _, _, kconv = colab_net(stax, "Conv")
+        kc = jax.jit(functools.partial(kconv, get="ntk"))
+        cs, ct = arr["xs"][:settings["conv_support"]], arr["xt"][:settings["conv_targets"]]
+        cys, cyt = arr["ys"][:cs.shape[0]], arr["yt"][:ct.shape[0]]
+        cstep = jax.jit(jax.value_and_grad(functools.partial(loss, kernel=kc)))
+        timed(f"Conv KIP step {cs.shape[0]}x{ct.shape[0]}", dtype,
+              cstep, (cs, cys, ct, cyt), 2, cs.shape[0] * ct.shape[0])
+        _, _, kmyr = colab_net(stax, "Myrtle-5")
+        m1, m2 = arr["xs"][:settings["myrtle_n1"]], arr["xt"][:settings["myrtle_n2"]]
+        mgrad = jax.jit(jax.value_and_grad(lambda a, b, k=kmyr: jnp.sum(k(a, b, "ntk"))))
+        timed(f"Myrtle-5 gradient {m1.shape[0]}x{m2.shape[0]}", dtype, mgrad, (m1, m2), 2,
+              m1.shape[0] * m2.shape[0])
+    return rows
+
+
 def library_info(library: str) -> dict:
     import jax
 
@@ -168,14 +338,31 @@ def machine_info() -> dict:
 def worker(args) -> None:
     arrays = dict(np.load(args.inputs))
     settings = json.loads(Path(args.settings).read_text())
-    rows, values = measure_all(args.worker, arrays, settings)
-    Path(args.result).write_text(json.dumps({"rows": rows, "info": library_info(args.worker)}))
+    rows, values, colab = [], {}, []
+    if "throughput" in settings["suites"]:
+        rows, values = measure_all(args.worker, arrays, settings)
+    if "colab" in settings["suites"]:
+        colab = measure_colab(args.worker, settings)
+    Path(args.result).write_text(json.dumps({"rows": rows, "colab_rows": colab,
+                                             "info": library_info(args.worker)}))
     np.savez(args.values, **values)
 
 
 def rel_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
     return diff, diff / float(np.max(np.abs(b)))
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True,
+                               cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def main(argv=None) -> int:
@@ -188,6 +375,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-repeats", type=int, default=30)
     ap.add_argument("--min-time", type=float, default=2.0,
                     help="keep timing (up to --max-repeats calls) until this many seconds")
+    ap.add_argument("--suites", default="throughput,colab",
+                    help="comma-separated: throughput (FC-3/ConvNet-3 pairs/s), colab")
+    ap.add_argument("--colab-calls", type=int, default=5,
+                    help="timed calls of the FC-1 step and forward rows (after the first)")
     ap.add_argument("--worker", choices=("kipnb", "nt"), help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
@@ -202,7 +393,10 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     settings = {"conv_n": args.conv_n, "fc_n": args.fc_n, "repeats": args.repeats,
-                "max_repeats": args.max_repeats, "min_time_s": args.min_time}
+                "max_repeats": args.max_repeats, "min_time_s": args.min_time,
+                "suites": args.suites.split(","), "colab_support": 100, "colab_targets": 5000,
+                "colab_calls": args.colab_calls, "label_solve_targets": [10000, 60000],
+                "conv_support": 10, "conv_targets": 100, "myrtle_n1": 2, "myrtle_n2": 4}
     arrays = make_inputs(settings)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -231,6 +425,13 @@ def main(argv=None) -> int:
             run = json.loads(result.read_text())
             run["values"] = dict(np.load(values))
             if library in results:  # second kipnb run: pool the timed calls per case
+                for old, new in zip(results[library]["colab_rows"], run["colab_rows"],
+                                    strict=True):
+                    old["times_s"] += new["times_s"]
+                    old["timed_calls"] += new["timed_calls"]
+                    old["median_s"] = statistics.median(old["times_s"])
+                    old["first_call_s_passes"] = [old["first_call_s"], new["first_call_s"]]
+                    old["first_call_s"] = statistics.median(old["first_call_s_passes"])
                 for old, new in zip(results[library]["rows"], run["rows"], strict=True):
                     old["passes_pairs_per_s"] = [old["pairs_per_s"], new["pairs_per_s"]]
                     old["times_s"] += new["times_s"]
@@ -265,6 +466,28 @@ def main(argv=None) -> int:
                     kv[key + "/grad"], nv[key + "/grad"])
         rows.append(row)
 
+    colab_rows = []
+    for krow in results["kipnb"]["colab_rows"]:
+        row = {"case": krow["case"], "dtype": krow["dtype"],
+               "kipnb": {k: krow[k] for k in ("median_s", "first_call_s", "timed_calls")}}
+        if "nt" in results:
+            nrow = next(r for r in results["nt"]["colab_rows"]
+                        if r["case"] == krow["case"] and r["dtype"] == krow["dtype"])
+            row["nt"] = {k: nrow[k] for k in ("median_s", "first_call_s", "timed_calls")}
+            row["speedup_kipnb_over_nt"] = nrow["median_s"] / krow["median_s"]
+            row["first_call_speedup_kipnb_over_nt"] = nrow["first_call_s"] / krow["first_call_s"]
+        colab_rows.append(row)
+    if colab_rows:
+        print(f"\n{'colab setting':36s} {'dtype':8s} {'kipnb s':>9s} {'nt s':>9s} "
+              f"{'nt/kipnb':>8s} {'1st kipnb':>9s} {'1st nt':>7s} {'nt/kipnb':>8s}")
+        for row in colab_rows:
+            line = f"{row['case']:36s} {row['dtype']:8s} {row['kipnb']['median_s']:9.3f}"
+            if "nt" in row:
+                line += (f" {row['nt']['median_s']:9.3f} {row['speedup_kipnb_over_nt']:8.2f}"
+                         f" {row['kipnb']['first_call_s']:9.2f} {row['nt']['first_call_s']:7.2f}"
+                         f" {row['first_call_speedup_kipnb_over_nt']:8.2f}")
+            print(line)
+
     header = f"{'arch':9s} {'input':8s} {'mode':12s} {'n1xn2':>7s} {'kipnb pairs/s':>14s}"
     if "nt" in results:
         header += f" {'nt pairs/s':>11s} {'kipnb/nt':>9s} {'max rel diff':>12s}"
@@ -289,6 +512,8 @@ def main(argv=None) -> int:
         "neural_tangents": results["nt"]["info"] if "nt" in results else None,
         "settings": settings,
         "results": rows,
+        "colab_results": colab_rows,
+        "commit": git_commit(),
         "wall_time_s": time.perf_counter() - start,
     }
     out = Path(args.out)

@@ -75,11 +75,16 @@ nonlinearities need as variances ``k11``/``k22``) over ``x1`` and ``x2`` togethe
 ``jax.lax.map`` into chunks whose covariance arrays stay near 2 MiB on CPU, which keeps
 them in the caches (up to 2x faster than whole-batch arrays on the 2-core test machine),
 and near 256 MiB on GPU/TPU (untested here), which bounds memory; under ``jax.grad``
-each chunk is rematerialised. ``kernel_fn`` checks shapes eagerly (clear errors), then
+each chunk is rematerialised. Dense networks (one entry per pair, the cost is one
+matmul) are chunked only beyond 256 MiB: there the loop and the remat only cost time
+and compilation (the FC-1 KIP step ran ~1.3x slower and compiled ~1.8x longer chunked),
+and their self pass runs on ``x1`` and ``x2`` separately instead of on a copy of both.
+``kernel_fn`` checks shapes eagerly (clear errors), then
 calls one ``jax.jit``-compiled function, cached per network and input shapes, so
 repeated eager calls do not retrace. On the 2-core CPU this was developed on, the
-ConvNet-3 NTK runs 30-100x faster than neural-tangents 0.6.5 (forward, and forward +
-gradient), see ``benchmarks/kernel_speed.py`` and its saved results.
+ConvNet-3 NTK (with pooling) ran 20-50x faster than neural-tangents 0.6.5 (forward, and
+forward + gradient); dense kernels are between 0.4x (FC-3 gradients) and 4x, see
+``benchmarks/kernel_speed.py``, its saved results and the README.
 
 Numerics
 --------
@@ -90,9 +95,12 @@ images) the root sits at zero, where its derivative is infinite; the NNGP's deri
 is finite there (the singular terms cancel) and the NTK has a cusp. So that ``jax.grad``
 w.r.t. ``x1`` and ``x2`` stays finite:
 
-* ``k11 * k22 - k12**2`` below ``4 * eps * k11 * k22`` (rounding level; a pair of
-  identical images) is set to exactly 0: the angle is then exactly 0 instead of
-  ``sqrt(eps)``-noisy (this makes float32 NTK diagonals accurate to ~1e-7, not ~1e-4);
+* ``k11 * k22 - k12**2`` below ``8 * sqrt(F) * eps * k11 * k22`` (``F`` the input's
+  features or channels; the rounding level of a pair of identical images, whose self
+  and cross inner products are summed in different orders, see ``boundary_ulps``) is
+  set to exactly 0: the angle is then exactly 0 instead of ``sqrt(eps)``-noisy (float64
+  NTK diagonals of ``kernel_fn(x, x)`` equal the exact angle-0 value to ~1e-15, not
+  ~1e-8; tested);
 * a custom JVP gives the square root derivative 0 at 0, and ``arctan2`` a derivative
   with a floored denominator, the choices neural-tangents' ``_sqrt``/``_arctan2`` make
   (the subgradient 0 at the NTK's cusp, the exact derivative of the NNGP).
@@ -142,7 +150,32 @@ __all__ = [
 HIGHEST = lax.Precision.HIGHEST
 _VALID_GETS = ("nngp", "ntk")
 _TINY = 1e-30  # below this a squared sine counts as zero for derivatives (as in NT)
-_BOUNDARY_ULPS = 4  # 1 - correlation**2 below this many eps counts as exactly 0
+_BOUNDARY_ULPS = 8  # 1 - correlation**2 below this many eps * sqrt(fan-in) counts as 0
+
+
+def boundary_ulps(n_features: int) -> float:
+    """Threshold, in units of eps, below which ``1 - correlation**2`` counts as exactly 0.
+
+    A pair's self inner products (``sum(x * x)``) and its cross product (a matmul entry)
+    are summed in different orders, so for identical inputs ``k11 * k22 - k12**2`` is
+    not 0 but rounding noise that grows like ``sqrt(n_features) * eps * k11 * k22``
+    (random-walk accumulation: measured up to 76 eps in float64 and 32 eps in float32 on
+    784-pixel Fashion-MNIST images). The threshold is ``8 * sqrt(n_features)`` eps
+    (at least 8 eps): about 3x the largest value measured, and in float32 still below the
+    angle noise (``~sqrt(noise)``) the unsnapped formula would have anyway.
+
+    Args:
+      n_features: the contraction length of the input covariance (features of a dense
+        input, channels of a convolutional one).
+
+    Returns:
+      The threshold in eps units.
+
+    Example:
+      >>> round(boundary_ulps(784))
+      224
+    """
+    return _BOUNDARY_ULPS * max(1.0, math.sqrt(n_features))
 
 
 # --------------------------------------------------------------------------- numerics
@@ -315,6 +348,7 @@ class _K:
     compute_ntk: bool
     variances: dict
     index: int = -1
+    ulps: float = _BOUNDARY_ULPS  # see boundary_ulps
 
     def map(self, fn: Callable[[jax.Array, int, str], jax.Array], **changes) -> _K:
         new = {name: fn(a, self.nb, name) for name, a in self.arrays.items()}
@@ -466,9 +500,15 @@ def _input_covariance(xa, xbq, dims: Sequence[_Dim], nb: int):
 # (not measured: no GPU/TPU here).
 _BLOCK_BYTES = {"cpu": 2 * 2**20}
 _BLOCK_BYTES_ACCELERATOR = 2**28
+# Dense networks (no spatial dimensions) have one covariance entry per pair: chunking
+# their elementwise work only adds loop, remat and compile overhead (measured: the FC-1
+# KIP step ran ~1.5x slower chunked), so they are chunked only beyond this many bytes.
+_DENSE_BLOCK_BYTES = 2**28
 
 
-def _block_bytes() -> int:
+def _block_bytes(dense: bool = False) -> int:
+    if dense:
+        return _DENSE_BLOCK_BYTES
     return _BLOCK_BYTES.get(jax.default_backend(), _BLOCK_BYTES_ACCELERATOR)
 
 
@@ -993,7 +1033,7 @@ class _Elementwise(_Layer):
     def fn(self, x):
         raise NotImplementedError
 
-    def cross(self, k12, k11, k22, want_dot: bool):
+    def cross(self, k12, k11, k22, want_dot: bool, ulps: float = _BOUNDARY_ULPS):
         """Returns (new k12, derivative kernel or None) from covariance and variances."""
         raise NotImplementedError
 
@@ -1007,12 +1047,12 @@ class _Elementwise(_Layer):
             cov = k.arrays["cov"]
             v = _diag(cov, dims)
             k.variances[k.index] = v
-            out, _ = self.cross(cov, _at_p(v, dims), _at_q(v, dims), False)
+            out, _ = self.cross(cov, _at_p(v, dims), _at_q(v, dims), False, k.ulps)
             return dataclasses.replace(k, arrays={"cov": _apply_mask(out, mask)})
         v1p, v2q = k.variances[k.index]
         ntk_in = k.arrays.get("ntk")
         want_dot = k.compute_ntk and ntk_in is not None
-        nngp, dot = self.cross(k.arrays["nngp"], v1p[:, None], v2q[None], want_dot)
+        nngp, dot = self.cross(k.arrays["nngp"], v1p[:, None], v2q[None], want_dot, k.ulps)
         out = {"nngp": _apply_mask(nngp, mask)}
         if want_dot:
             out["ntk"] = _apply_mask(ntk_in * dot, mask)
@@ -1026,14 +1066,14 @@ class _ABRelu(_Elementwise):
     def fn(self, x):
         return self.a * jnp.minimum(x, 0) + self.b * jnp.maximum(x, 0)
 
-    def cross(self, k12, k11, k22, want_dot):
+    def cross(self, k12, k11, k22, want_dot, ulps=_BOUNDARY_ULPS):
         a, b = self.a, self.b
         prod = k11 * k22
         gap = prod - k12 * k12
         # Within rounding of the boundary (|correlation| == 1, e.g. an image paired with
         # itself) treat the pair as exactly aligned: the angle is then exact instead of
         # sqrt(eps)-noisy, and its derivative is the subgradient 0 instead of ~1/sqrt(eps).
-        gap = jnp.where(gap <= _BOUNDARY_ULPS * jnp.finfo(gap.dtype).eps * prod, 0.0, gap)
+        gap = jnp.where(gap <= ulps * jnp.finfo(gap.dtype).eps * prod, 0.0, gap)
         root = _safe_sqrt(gap)
         angle = _safe_arctan2(root, k12, math.pi / 2)
         factor = (a - b) ** 2 / (2 * math.pi)
@@ -1050,7 +1090,8 @@ class _Erf(_Elementwise):
     def fn(self, x):
         return self.a * jax.scipy.special.erf(self.b * x) + self.c
 
-    def cross(self, k12, k11, k22, want_dot):
+    def cross(self, k12, k11, k22, want_dot, ulps=_BOUNDARY_ULPS):
+        del ulps  # the Erf kernel has no boundary singularity in its value
         b2 = self.b**2
         k12, k11, k22 = b2 * k12, b2 * k11, b2 * k22
         prod = (1 + 2 * k11) * (1 + 2 * k22)
@@ -1124,10 +1165,11 @@ def _self_pass(layers, plan: _Plan, x) -> dict:
     last = plan.nonlinear[-1]
     dims0 = plan.dims[0]
     per_image = plan.entries(last) * x.dtype.itemsize
+    dense = all(not ds for ds in plan.dims)
 
     def block(xb):
         cov = _input_covariance(xb, _at_q(xb, dims0), dims0, nb=1)
-        k = _K({"cov": cov}, 1, dims0, False, {})
+        k = _K({"cov": cov}, 1, dims0, False, {}, ulps=boundary_ulps(x.shape[-1]))
         for i in range(last + 1):
             k.index = i
             k = layers[i].kernel(k, plan.shapes[i], plan.shapes[i + 1], plan.dims[i + 1])
@@ -1135,7 +1177,7 @@ def _self_pass(layers, plan: _Plan, x) -> dict:
                 k = _retarget(k, plan.dims[i + 1])
         return k.variances
 
-    c = max(1, _block_bytes() // per_image)
+    c = max(1, _block_bytes(dense) // per_image)
     if x.shape[0] > c:  # under jax.grad, recompute each chunk instead of storing it
         block = jax.checkpoint(block)
     return _chunked(block, (x,), x.shape[0], c)
@@ -1145,8 +1187,9 @@ def _cross_pass(layers, plan: _Plan, x1, x2, var1: dict, var2: dict, compute_ntk
     dims0 = plan.dims[0]
     per_pair = plan.entries() * x1.dtype.itemsize
     n1, n2 = x1.shape[0], x2.shape[0]
-    c2 = max(1, min(n2, _block_bytes() // per_pair))
-    c1 = max(1, _block_bytes() // (per_pair * c2))
+    budget = _block_bytes(all(not ds for ds in plan.dims))
+    c2 = max(1, min(n2, budget // per_pair))
+    c1 = max(1, budget // (per_pair * c2))
     remat = n1 > c1 or n2 > c2  # chunked: under jax.grad recompute blocks, store inputs only
 
     def outer(x2b, v2b):
@@ -1156,7 +1199,8 @@ def _cross_pass(layers, plan: _Plan, x1, x2, var1: dict, var2: dict, compute_ntk
         def inner(x1b, v1b):
             nngp = _input_covariance(x1b, x2q, dims0, nb=2)
             variances = {i: (_at_p(v, plan.dims[i]), v2q[i]) for i, v in v1b.items()}
-            k = _K({"nngp": nngp}, 2, dims0, compute_ntk, variances)
+            k = _K({"nngp": nngp}, 2, dims0, compute_ntk, variances,
+                   ulps=boundary_ulps(x1b.shape[-1]))
             for i, layer in enumerate(layers):
                 k.index = i
                 k = layer.kernel(k, plan.shapes[i], plan.shapes[i + 1], plan.dims[i + 1])
@@ -1197,6 +1241,8 @@ def _kernel_fn_for(layers: tuple[_Layer, ...]):
         x1, x2 = x1.astype(dtype), x2.astype(dtype)
         if same:
             var1 = var2 = _self_pass(layers, plan, x1)
+        elif all(not ds for ds in plan.dims):  # dense: cheap, unchunked; no concatenation
+            var1, var2 = _self_pass(layers, plan, x1), _self_pass(layers, plan, x2)
         else:  # one self pass over both sets (one compiled loop, not two)
             var = _self_pass(layers, plan, jnp.concatenate([x1, x2], axis=0))
             n1 = x1.shape[0]

@@ -21,6 +21,15 @@ It needs nothing from kipnb. For every case it stores, in float64:
 
 plus ``meta/versions``. The file is deterministic (same inputs, same numbers up to
 floating-point reproducibility of XLA on the machine).
+
+It also writes ``tests/fixtures/nt_kip_fc1.npz``: a short KIP run in the setting of
+Google Research's ``kip/KIP.ipynb`` colab (FC-1 NTK, ``W_std = sqrt(2)``, ``b_std = 0.1``,
+``kernel_fn(x_s, x_s)``, ``reg = 1e-6`` relative to ``trace/n``, ``solve(...,
+assume_a='pos')``, ``0.5 * mean`` squared error, Adam of ``jax.example_libraries`` at
+learning rate 0.04, labels fixed), float64, at small sizes: ``x_pool``/``y_pool`` (the
+targets), ``batches`` (per step, the pool rows of its target batch), ``x_init``,
+``y_init`` (the support set), ``losses`` (the loss of every step) and ``x_final``.
+``tests/test_kip.py`` runs the same code with ``from kipnb import stax``.
 """
 
 from __future__ import annotations
@@ -153,11 +162,83 @@ def build(arch: str):
     return eval(arch, {"__builtins__": {}}, names)  # noqa: S307 - our own constant strings
 
 
+# The short KIP run of tests/test_kip.py: sizes, steps and seed (the test reads them back).
+KIP_RUN = {"support": 10, "pool": 200, "batch": 100, "image": (7, 7, 1), "steps": 15,
+           "learning_rate": 0.04, "seed": 20240602}
+
+
+def colab_fc1_kip(stax, x_init, y_init, x_pool, y_pool, batches, learning_rate):
+    """The colab's FC-1 KIP loop (its code, one import away); returns (losses, x_final).
+
+    tests/test_kip.py has an identical copy that it runs with ``kipnb.stax``.
+    """
+    import functools
+
+    from jax import scipy as sp
+    from jax.example_libraries import optimizers
+
+    layers = [stax.Flatten(), stax.Dense(1024, W_std=np.sqrt(2), b_std=0.1), stax.Relu(),
+              stax.Dense(10, W_std=np.sqrt(2), b_std=0.1)]
+    _, _, kernel_fn = stax.serial(*layers)
+    kernel_fn = jax.jit(functools.partial(kernel_fn, get="ntk"))
+
+    def loss_fn(params, x_target, y_target, reg=1e-6):
+        x_support, y_support = params["x"], jax.lax.stop_gradient(params["y"])
+        k_ss = kernel_fn(x_support, x_support)
+        k_ts = kernel_fn(x_target, x_support)
+        k_ss_reg = (k_ss + jnp.abs(reg) * jnp.trace(k_ss) * jnp.eye(k_ss.shape[0])
+                    / k_ss.shape[0])
+        pred = jnp.dot(k_ts, sp.linalg.solve(k_ss_reg, y_support, assume_a="pos"))
+        return 0.5 * jnp.mean((pred - y_target) ** 2)
+
+    opt_init, opt_update, get_params = optimizers.adam(learning_rate)
+    opt_state = opt_init({"x": jnp.asarray(x_init), "y": jnp.asarray(y_init)})
+
+    @jax.jit
+    def update_fn(step, opt_state, x_target, y_target):
+        loss, grads = jax.value_and_grad(loss_fn)(get_params(opt_state), x_target, y_target)
+        return opt_update(step, grads, opt_state), loss
+
+    losses = []
+    for i, rows in enumerate(batches, start=1):
+        opt_state, loss = update_fn(i, opt_state, x_pool[rows], y_pool[rows])
+        losses.append(float(loss))
+    return np.array(losses), np.asarray(get_params(opt_state)["x"])
+
+
+def kip_fixture(out: Path, versions: dict) -> None:
+    run = KIP_RUN
+    rng = np.random.default_rng(run["seed"])
+    x_pool = rng.standard_normal((run["pool"], *run["image"]))
+    labels = rng.integers(0, 10, run["pool"])
+    y_pool = np.eye(10)[labels] - 0.1
+    x_init = rng.standard_normal((run["support"], *run["image"]))
+    y_init = np.eye(10)[np.arange(run["support"]) % 10] - 0.1
+    batches = np.stack([rng.choice(run["pool"], run["batch"], replace=False)
+                        for _ in range(run["steps"])])
+    losses, x_final = colab_fc1_kip(stax, x_init, y_init, x_pool, y_pool, batches,
+                                    run["learning_rate"])
+    np.savez_compressed(out, x_pool=x_pool, y_pool=y_pool, x_init=x_init, y_init=y_init,
+                        batches=batches, losses=losses, x_final=x_final,
+                        run=np.array(json.dumps(run)), versions=np.array(json.dumps(versions)))
+    print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB), losses {losses[0]:.6g} -> "
+          f"{losses[-1]:.6g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1]
                                          / "tests" / "fixtures" / "nt_reference.npz"))
+    ap.add_argument("--kip-out", default=str(Path(__file__).resolve().parents[1]
+                                             / "tests" / "fixtures" / "nt_kip_fc1.npz"))
+    ap.add_argument("--only-kip", action="store_true",
+                    help="write only the KIP trajectory fixture")
     args = ap.parse_args()
+    if args.only_kip:
+        versions = {"neural_tangents": nt.__version__, "jax": jax.__version__,
+                    "numpy": np.__version__, "python": platform.python_version()}
+        kip_fixture(Path(args.kip_out), versions)
+        return
     rng = np.random.default_rng(20240601)
     arrays: dict[str, np.ndarray] = {}
     for name, (arch, s1, s2) in CASES.items():
@@ -188,6 +269,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB), {versions}")
+    kip_fixture(Path(args.kip_out), versions)
 
 
 if __name__ == "__main__":

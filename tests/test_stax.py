@@ -524,3 +524,49 @@ def test_finite_net_with_avgpool_is_differentiable_under_jit():
     g = jax.jit(jax.grad(lambda p: jnp.sum(apply_fn(p, x) ** 2)))(params)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(g))
     assert float(sum(jnp.abs(leaf).sum() for leaf in jax.tree_util.tree_leaves(g))) > 0
+
+
+def _fc_ntk_at_angle_zero(x, depth, W_std, b_std):
+    """Exact NTK of a Relu FC net on a pair of identical inputs (angle 0 at every layer)."""
+    W2, b2 = W_std**2, b_std**2
+    q = W2 * np.array([math.fsum(r * r) for r in x]) / x.shape[1] + b2
+    ntk = q
+    for _ in range(depth):  # Relu at angle 0: E[relu(u)^2] = q / 2, E[relu'(u)^2] = 1 / 2
+        q = W2 * q / 2 + b2
+        ntk = q + W2 * ntk / 2
+    return ntk
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_identical_pairs_are_exactly_at_angle_zero_float64(depth):
+    # 784 features: diag(x @ x.T) and sum(x * x) differ by tens of eps here, which a 4-eps
+    # threshold did not cover (the diagonal then carried a ~1e-8 angle error).
+    W_std, b_std = math.sqrt(2.0), 0.1
+    with jax.enable_x64(True):
+        _, _, kfn = stax.serial(stax.Flatten(), *[
+            layer for _ in range(depth)
+            for layer in (stax.Dense(1024, W_std=W_std, b_std=b_std), stax.Relu())],
+            stax.Dense(10, W_std=W_std, b_std=b_std))
+        x = np.random.default_rng(3).standard_normal((40, 28, 28, 1))
+        exact = _fc_ntk_at_angle_zero(x.reshape(40, -1), depth, W_std, b_std)
+        xj = jnp.asarray(x)
+        for k in (kfn(xj, xj + 0.0, "ntk"), kfn(xj, None, "ntk")):
+            assert k.dtype == jnp.float64
+            assert np.max(np.abs(np.diagonal(np.asarray(k)) / exact - 1)) < 1e-12
+        g = jax.grad(lambda a: jnp.sum(kfn(a, xj, "ntk")))(xj)
+        assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_identical_pairs_float32_diagonal():
+    _, _, kfn = stax.serial(stax.Flatten(), stax.Dense(8, W_std=1.4, b_std=0.1), stax.Relu(),
+                            stax.Dense(1, W_std=1.4, b_std=0.1))
+    x = np.random.default_rng(4).standard_normal((30, 784)).astype(np.float32)
+    exact = _fc_ntk_at_angle_zero(x.astype(np.float64), 1, 1.4, 0.1)
+    k = np.asarray(kfn(jnp.asarray(x), jnp.asarray(x) + 0.0, "ntk"))
+    assert k.dtype == np.float32
+    assert np.max(np.abs(np.diagonal(k) / exact - 1)) < 2e-6
+
+
+def test_boundary_threshold_scales_with_rounding():
+    assert stax.boundary_ulps(1) == 8
+    assert stax.boundary_ulps(784) == pytest.approx(8 * 28)
