@@ -676,8 +676,8 @@ def run(
       initial: ``dict(images=..., labels=...)`` to start from instead of ``init``.
 
     Returns a :class:`TMResult`; ``result.distilled`` (a :class:`DistilledSet`) has the
-    images in pixel space, the model-space ones in ``arrays['model_images']``, the
-    learned lr in ``extra['lr']`` and, for DATM, the soft-label logits as ``labels``.
+    model-space images with the data's fitted transform, the learned lr as ``lr``, and
+    hard classes (MTT, ``label_kind='class'``) or DATM's logits (``'logits'``).
     """
     if not isinstance(config, TMConfig):
         raise TypeError(f"config must be a TMConfig, got {type(config).__name__}.")
@@ -825,22 +825,22 @@ def run(
     labels_out = np.asarray(state["labels"], np.float32)
     res = last_eval[0]
     distilled = DistilledSet(
-        images=np.asarray(data.transform.invert(images_out), np.float32),
+        images=images_out,
         labels=labels_out if config.soft_labels else classes,
-        method=config.method,
-        dataset=data.dataset,
-        ipc=config.ipc,
-        preprocessing=data.transform.recipe(),
-        config={"tm": cfg_dict, "experts": dataclasses.asdict(trajectories.config)},
+        label_kind="logits" if config.soft_labels else "class",
+        num_classes=C,
+        classes=classes,
+        transform=data.transform,
+        lr=float(state["lr"]),
+        source={"method": config.method, "learner": dataclasses.asdict(trajectories.net),
+                "config": {"tm": cfg_dict, "experts": dataclasses.asdict(trajectories.config)},
+                "dataset": data.dataset, "ipc": config.ipc,
+                "data_fingerprint": data.fingerprint()},
         extra={
-            "lr": float(state["lr"]),
             "iterations": config.iterations,
             "test_acc": None if res is None else res.mean,
             "test_std": None if res is None else res.std,
-            "net": dataclasses.asdict(trajectories.net),
-            "soft_labels": config.soft_labels,
         },
-        arrays={"model_images": images_out, "classes": classes},
     )
     return TMResult(distilled=distilled, history=history, config=config, images=images_out,
                     labels=labels_out, lr=float(state["lr"]), evaluation=res)
