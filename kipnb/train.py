@@ -593,9 +593,10 @@ def transfer(
     """Train one network per seed of ``config.seeds`` on a support set; test accuracies.
 
     Args:
-      distilled_or_xy: a :class:`~kipnb.distilled.DistilledSet` (its ``images`` and
-        ``labels``: learned label vectors are used as given) or a tuple
-        ``(images, labels)`` with labels ``(n, C)`` or ``(n,)`` integer classes.
+      distilled_or_xy: a tuple ``(images, labels)`` of arrays in the test images'
+        space, labels ``(n, C)`` (used as given) or ``(n,)`` integer classes. For a
+        :class:`~kipnb.DistilledSet` use :func:`kipnb.evaluate.network`, which brings
+        it into the data's space and converts its labels by their kind.
       x_test, labels_test: test images (n_t, H, W, C) preprocessed like the support
         images, and their (n_t,) integer classes (or (n_t, C) label vectors).
       config: a :class:`TrainConfig`; None: the defaults.
@@ -612,12 +613,16 @@ def transfer(
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}.")
     if isinstance(distilled_or_xy, DistilledSet):
-        images, labels = distilled_or_xy.images, distilled_or_xy.labels
-    elif isinstance(distilled_or_xy, tuple | list) and len(distilled_or_xy) == 2:
+        raise TypeError(
+            "train.transfer trains on arrays (images, labels) already in the test data's space; "
+            "judge a DistilledSet with kipnb.evaluate.network(ds, data, protocol='kip_transfer'), "
+            "which converts its space and label kind."
+        )
+    if isinstance(distilled_or_xy, tuple | list) and len(distilled_or_xy) == 2:
         images, labels = distilled_or_xy
     else:
         raise ValueError(
-            f"transfer needs a DistilledSet or a tuple (images, labels), got "
+            f"transfer needs a tuple (images, labels) of arrays, got "
             f"{type(distilled_or_xy).__name__}."
         )
     seeds = config.seeds
