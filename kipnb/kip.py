@@ -196,7 +196,7 @@ PARAMETER_SETS: dict[str, KIPConfig] = {
         preprocessing="standardize", eval_every=100, eval_test_size=None,
     ),
     # Fashion-MNIST runs that fit in minutes on a laptop CPU (benchmarks/kip_fashion.py).
-    "fashion_fc_ipc1": KIPConfig(ipc=1, steps=2000, learning_rate=0.01),
+    "fashion_fc_ipc1": KIPConfig(ipc=1, steps=3000, learning_rate=0.01),
     "fashion_fc_ipc10": KIPConfig(ipc=10, steps=2000, learning_rate=0.01),
     "fashion_fc_ipc50": KIPConfig(ipc=50, steps=1000, learning_rate=0.01),
 }
@@ -439,7 +439,8 @@ def _empty_history() -> dict:
 
 def evaluate_krr(x_s, y_s, d: KIPData, **kw) -> float:
     """Alias: KRR accuracy of model-space ``(x_s, y_s)``; see :func:`kipnb.evaluate.krr`."""
-    return evaluate.krr(DistilledSet(np.asarray(x_s), np.asarray(y_s), "regression", transform=d.transform), d, **{"kernel": kw.pop("arch", "fc"), **kw}).mean
+    ds = DistilledSet(np.asarray(x_s), np.asarray(y_s), "regression", transform=d.transform)
+    return evaluate.krr(ds, d, **{"kernel": kw.pop("arch", "fc"), **kw}).mean
 
 
 def run(
