@@ -44,7 +44,8 @@ def main(argv=None):
     ap.add_argument("--kernel", choices=["fc", "conv"], default="fc")
     ap.add_argument("--depth", type=int, default=None, help="kernel depth (default: arch's, 3)")
     ap.add_argument("--get", choices=["ntk", "nngp"], default="ntk")
-    ap.add_argument("--steps", type=int, default=None, help="default: PARAMETER_SETS['fashion_fc_ipc<N>'].steps")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="default: PARAMETER_SETS['fashion_fc_ipc<N>'].steps")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--target-batch", type=int, default=5000)
     ap.add_argument("--fixed-labels", action="store_true", help="do not learn the labels")
