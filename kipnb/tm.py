@@ -81,6 +81,7 @@ from jax.flatten_util import ravel_pytree
 
 from kipnb import augment as augment_lib
 from kipnb import checkpoint, experts, nets
+from kipnb.checks import is_int as _is_int
 from kipnb.distilled import DistilledSet
 
 __all__ = [
@@ -108,10 +109,6 @@ CHECKPOINT_NAME = "tm_checkpoint.npz"
 
 class TMNumericalError(FloatingPointError):
     """The matching loss or its gradient became NaN/Inf."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
 def _is_pos(v) -> bool:

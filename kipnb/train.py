@@ -75,6 +75,7 @@ import numpy as np
 import optax
 
 from kipnb import archs, krr, shard
+from kipnb.checks import is_int as _is_int
 from kipnb.distilled import DistilledSet
 
 __all__ = ["ARCH_DEFAULTS", "LOSSES", "OPTIMIZERS", "TrainConfig", "train_network", "transfer"]
@@ -87,10 +88,6 @@ OPTIMIZERS = ("adam", "sgd")
 #: Steps between NaN checks and progress-bar updates (the host waits for the device only
 #: then).
 _CHUNK = 100
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
 def _is_pos_real(v) -> bool:
