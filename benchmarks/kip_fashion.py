@@ -44,7 +44,8 @@ def main(argv=None):
     ap.add_argument("--kernel", choices=["fc", "conv"], default="fc")
     ap.add_argument("--depth", type=int, default=None, help="kernel depth (default: arch's, 3)")
     ap.add_argument("--get", choices=["ntk", "nngp"], default="ntk")
-    ap.add_argument("--steps", type=int, default=None, help="default: 3000 / 2000 / 1000 by ipc")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="default: PARAMETER_SETS['fashion_fc_ipc<N>'].steps")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--target-batch", type=int, default=5000)
     ap.add_argument("--fixed-labels", action="store_true", help="do not learn the labels")
@@ -65,7 +66,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
 
-    steps = a.steps if a.steps is not None else {1: 3000, 10: 2000}.get(a.ipc, 1000)
+    preset = kip.PARAMETER_SETS.get(f"fashion_fc_ipc{a.ipc}")  # the steps of the parameter sets
+    steps = a.steps if a.steps is not None else (preset.steps if preset else 1000)
     config = kip.KIPConfig(
         dataset="fashion_mnist", arch=a.kernel, depth=a.depth, get=a.get, ipc=a.ipc,
         steps=steps, learning_rate=a.lr, target_batch_size=a.target_batch,

@@ -17,7 +17,7 @@ import math
 
 from kipnb import stax
 
-__all__ = ["ARCHS", "convnet", "fc", "get"]
+__all__ = ["ARCHS", "convnet", "fc", "get", "kernel"]
 
 
 def fc(
@@ -64,3 +64,30 @@ def get(name: str, **kwargs):
     if name not in ARCHS:
         raise ValueError(f"Unknown architecture {name!r}: use one of {sorted(ARCHS)}.")
     return ARCHS[name](**kwargs)
+
+
+_KERNELS: dict = {}
+
+
+def kernel(name: str, num_classes: int = 10, **kwargs):
+    """The ``kernel_fn`` of architecture ``name``, one object per setting (cached).
+
+    Jitted functions that take the kernel as a static argument then compile once per
+    process.
+
+    Args:
+        name: ``'fc'`` or ``'conv'``.
+        num_classes: the output width of the readout layer.
+        **kwargs: the architecture's arguments (``depth``, ...).
+
+    Returns:
+        ``kernel_fn(x1, x2, get)``.
+
+    Example:
+        >>> kernel("fc", depth=2) is kernel("fc", depth=2)
+        True
+    """
+    key = (name, num_classes, tuple(sorted(kwargs.items())))
+    if key not in _KERNELS:
+        _KERNELS[key] = get(name, num_classes=num_classes, **kwargs)[2]
+    return _KERNELS[key]

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from kipnb.distilled import _jsonable, atomic_write_bytes
+from kipnb.distilled import atomic_write_bytes, jsonable
 
 __all__ = ["CheckpointError", "check_resumable", "config_diff", "data_fingerprint", "load",
            "read_meta", "save"]
@@ -50,7 +50,7 @@ def save(path: str | os.PathLike, tree: Any, meta: dict | None = None) -> Path:
     path = Path(path)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     payload = {f"leaf_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-    doc = {"meta": _jsonable(meta or {}), "n_leaves": len(leaves), "treedef": str(treedef)}
+    doc = {"meta": jsonable(meta or {}), "n_leaves": len(leaves), "treedef": str(treedef)}
     payload["meta"] = np.asarray(json.dumps(doc))
     return atomic_write_bytes(path, lambda f: np.savez(f, **payload), overwrite=True)
 

@@ -104,6 +104,7 @@ from kipnb import augment as augment_lib
 from kipnb import checkpoint, nets, preprocess
 from kipnb import data as data_lib
 from kipnb.checkpoint import CheckpointError
+from kipnb.checks import is_int as _is_int
 
 __all__ = [
     "PREPROCESSING",
@@ -138,10 +139,6 @@ _NAME = re.compile(r"expert_(\d{3,})\.npz")
 
 class TrainingDivergedError(FloatingPointError):
     """A training loss (expert or evaluation network) became NaN or infinite."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
 def _is_real(v) -> bool:

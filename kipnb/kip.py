@@ -33,10 +33,10 @@ Design notes
 * **Batches.** ``target_sampling='class_balanced'`` (``target_batch_size // C`` per
   class) or ``'uniform'``. A ``batch_sampler`` object (e.g. importance sampling,
   :mod:`kipnb.sampling`) can replace both; see :class:`BatchSampler`.
-* **Distilled set.** :class:`kipnb.DistilledSet` with the images mapped back to pixel
-  space (``transform.invert``, for display and for other evaluators that re-apply the
-  recorded preprocessing) and the exact learned model-space images in
-  ``arrays['model_images']``; :func:`model_inputs` returns the latter.
+* **Distilled set.** :class:`kipnb.DistilledSet` (format 2): the learned model-space
+  images with the fitted transform (``ds.to_pixels()`` for display), the learned labels
+  as ``label_kind='regression'``, the class each image started as in ``classes``, and
+  the source (kernel, config, dataset, training-data fingerprint).
 * **Devices.** Every step's target batch (``x_t``, ``y_t`` and the sampler's weights)
   is split over all devices along the batch axis (:mod:`kipnb.shard`, mesh axis
   ``'data'``) and the support set and optimizer state are replicated, so ``jax.jit``
@@ -67,7 +67,7 @@ import numpy as np
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
-from kipnb import archs, checkpoint, data, krr, preprocess, shard
+from kipnb import archs, checkpoint, data, evaluate, krr, preprocess, shard
 from kipnb.checkpoint import CheckpointError
 from kipnb.distilled import DistilledSet
 
@@ -84,7 +84,6 @@ __all__ = [
     "init_support",
     "kernel_for",
     "kip_loss",
-    "model_inputs",
     "prepare",
     "run",
 ]
@@ -197,7 +196,7 @@ PARAMETER_SETS: dict[str, KIPConfig] = {
         preprocessing="standardize", eval_every=100, eval_test_size=None,
     ),
     # Fashion-MNIST runs that fit in minutes on a laptop CPU (benchmarks/kip_fashion.py).
-    "fashion_fc_ipc1": KIPConfig(ipc=1, steps=2000, learning_rate=0.01),
+    "fashion_fc_ipc1": KIPConfig(ipc=1, steps=3000, learning_rate=0.01),
     "fashion_fc_ipc10": KIPConfig(ipc=10, steps=2000, learning_rate=0.01),
     "fashion_fc_ipc50": KIPConfig(ipc=50, steps=1000, learning_rate=0.01),
 }
@@ -279,21 +278,9 @@ def prepare(
 
 
 def kernel_for(config: KIPConfig, num_classes: int = 10) -> Callable:
-    """The ``kernel_fn`` of ``config.arch`` / ``config.depth`` (from :mod:`kipnb.archs`)."""
+    """The ``kernel_fn`` of ``config.arch`` / ``config.depth`` (:func:`kipnb.archs.kernel`)."""
     kw = {} if config.depth is None else {"depth": config.depth}
-    return _kernel(config.arch, tuple(kw.items()), num_classes)
-
-
-_KERNELS: dict = {}
-
-
-def _kernel(arch: str, kw: tuple, num_classes: int) -> Callable:
-    # One kernel_fn object per architecture, so jitted functions taking it as a static
-    # argument compile once per process.
-    key = (arch, kw, num_classes)
-    if key not in _KERNELS:
-        _KERNELS[key] = archs.get(arch, num_classes=num_classes, **dict(kw))[2]
-    return _KERNELS[key]
+    return archs.kernel(config.arch, num_classes=num_classes, **kw)
 
 
 def kip_loss(kernel_fn, get: str, reg, x_s, y_s, x_t, y_t, weights=None):
@@ -450,44 +437,10 @@ def _empty_history() -> dict:
             "test_mse": [], "wall_time": []}
 
 
-def model_inputs(distilled: DistilledSet, transform=None) -> np.ndarray:
-    """A distilled set's images in model space.
-
-    Uses the exact learned images in ``arrays['model_images']`` when the set has them (KIP
-    sets), else applies ``transform`` (fitted as the set's ``preprocessing`` recipe says)
-    to ``distilled.images``.
-    """
-    if "model_images" in distilled.arrays:
-        return np.asarray(distilled.arrays["model_images"])
-    if transform is None:
-        raise ValueError(
-            "This distilled set stores pixel-space images only: pass the fitted transform "
-            "(kipnb.preprocess.from_recipe(ds.preprocessing).fit(train_images))."
-        )
-    return np.asarray(transform.apply(distilled.images), np.float32)
-
-
-def evaluate_krr(
-    x_s,
-    y_s,
-    d: KIPData,
-    *,
-    arch: str = "fc",
-    depth: int | None = None,
-    get: str = "ntk",
-    reg: float = 1e-6,
-    n_test: int | None = None,
-    block_size: int = 1000,
-) -> float:
-    """KRR test accuracy of the support set ``(x_s, y_s)`` with a kipnb kernel."""
-    kw = () if depth is None else (("depth", depth),)
-    kernel_fn = _kernel(arch, kw, d.num_classes)
-    n = len(d.x_test) if n_test is None else min(n_test, len(d.x_test))
-    x_s = jnp.asarray(x_s)
-    out = krr.krr_evaluate(kernel_fn, x_s, jnp.asarray(y_s, x_s.dtype),
-                           d.x_test[:n].astype(x_s.dtype), d.labels_test[:n], reg=reg,
-                           get=get, block_size=min(block_size, n))
-    return out["accuracy"]
+def evaluate_krr(x_s, y_s, d: KIPData, **kw) -> float:
+    """Alias: KRR accuracy of model-space ``(x_s, y_s)``; see :func:`kipnb.evaluate.krr`."""
+    ds = DistilledSet(np.asarray(x_s), np.asarray(y_s), "regression", transform=d.transform)
+    return evaluate.krr(ds, d, **{"kernel": kw.pop("arch", "fc"), **kw}).mean
 
 
 def run(
@@ -549,6 +502,7 @@ def run(
         support = init_support(config, d)
     else:
         support = _check_initial(initial, config, d)
+    classes = np.asarray(support["labels"]).argmax(axis=1).astype(np.int32)
     trainable, fixed = _split(config, support)
     opt_state = opt.init(trainable)
     history, start, elapsed = _empty_history(), 0, 0.0
@@ -660,19 +614,22 @@ def run(
 
     support = {k: np.asarray(v) for k, v in {**fixed, **trainable}.items()}
     history["seconds"] = elapsed + time.perf_counter() - t0
+    kernel = f"{config.arch}{'' if config.depth is None else config.depth}-{config.get}"
     distilled = DistilledSet(
-        images=np.asarray(d.transform.invert(support["images"]), np.float32),
+        images=support["images"],
         labels=support["labels"],
-        method="kip",
-        dataset=config.dataset,
-        ipc=config.ipc,
-        preprocessing=d.transform.recipe(),
-        config=cfg_dict,
+        label_kind="regression",
+        num_classes=C,
+        classes=classes,
+        transform=d.transform,
+        source={"method": "kip", "learner": f"krr {kernel}", "config": cfg_dict,
+                "dataset": config.dataset, "ipc": config.ipc,
+                "data_fingerprint": d.fingerprint(),
+                "init": "given" if initial is not None else config.init},
         extra={
             "steps": config.steps,
             "test_acc": history["test_acc"][-1] if history["test_acc"] else None,
-            "kernel": f"{config.arch}{'' if config.depth is None else config.depth}-{config.get}",
+            "kernel": kernel,
         },
-        arrays={"model_images": support["images"]},
     )
     return KIPResult(distilled=distilled, history=history, config=config, support=support)

@@ -36,7 +36,7 @@ i.e. it minimises ``||A Y - Y_t||^2 + mu ||Y||^2``; as ``solve_reg -> 0`` this t
 zero: by default ``solve_reg = 1e-6`` in float64 and ``1e-4`` in float32 (see
 :data:`DEFAULT_SOLVE_REG`).
 
-Conventions (see DESIGN.md):
+Conventions (also in the README, "Kernels, KRR and Label Solve" and "Development"):
 
 * Pure functions of explicit arguments; every matmul uses
   ``precision=jax.lax.Precision.HIGHEST`` (TPUs otherwise multiply float32 in bfloat16).

@@ -67,6 +67,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from kipnb.checks import is_int as _is_int
+
 __all__ = [
     "NETS",
     "NORMS",
@@ -83,10 +85,6 @@ CONV_IMPLS = ("xla", "im2col", "patch_grad")
 _THIN = 4  # patch_grad: convolutions with at most this many input channels
 HIGHEST = jax.lax.Precision.HIGHEST
 _EPS = 1e-5  # torch.nn.GroupNorm's default
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_positive_int(name: str, v, minimum: int = 1) -> None:

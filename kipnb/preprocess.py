@@ -37,8 +37,11 @@ __all__ = [
     "LayerNorm",
     "Pipeline",
     "Standardize",
+    "equal",
     "from_recipe",
+    "from_state",
     "make",
+    "state",
 ]
 
 
@@ -262,3 +265,83 @@ def from_recipe(recipe: dict) -> Any:
     if kind not in _KINDS:
         raise ValueError(f"Unknown transform kind {kind!r} in recipe {recipe}.")
     return _KINDS[kind](**{k: v for k, v in recipe.items() if k != "kind"})
+
+
+def state(transform) -> tuple[dict, dict[str, np.ndarray]]:
+    """A fitted transform as ``(recipe, arrays)``: JSON-able recipe and its fitted arrays.
+
+    ``from_state(recipe, arrays)`` rebuilds the identical fitted transform (bit for bit),
+    so a :class:`kipnb.DistilledSet` can carry the preprocessing its images are in.
+
+    Example:
+        >>> import numpy as np
+        >>> t = make("standardize").fit(np.arange(8.0).reshape(2, 2, 2, 1))
+        >>> recipe, arrays = state(t)
+        >>> u = from_state(recipe, arrays)
+        >>> bool(np.array_equal(u.apply(np.ones((1, 2, 2, 1))), t.apply(np.ones((1, 2, 2, 1)))))
+        True
+    """
+    if isinstance(transform, Pipeline):
+        recipe = {"kind": "pipeline", "steps": []}
+        arrays: dict[str, np.ndarray] = {}
+        for i, s in enumerate(transform.steps):
+            r, a = state(s)
+            recipe["steps"].append(r)
+            arrays.update({f"{i}.{k}": v for k, v in a.items()})
+        return recipe, arrays
+    if type(transform) not in _KINDS.values():
+        raise TypeError(f"Not a kipnb.preprocess transform: {type(transform).__name__}.")
+    transform._require_fit()
+    recipe = transform.recipe()
+    arrays = {}
+    for f in dataclasses.fields(transform):
+        v = getattr(transform, f.name)
+        if f.name in recipe or f.name == "kind":
+            continue
+        arrays[f.name] = np.asarray(v)
+    return recipe, arrays
+
+
+def from_state(recipe: dict, arrays: dict) -> Any:
+    """Rebuild the fitted transform that :func:`state` described (see there)."""
+    kind = recipe.get("kind") if isinstance(recipe, dict) else None
+    if kind == "pipeline":
+        steps = []
+        for i, r in enumerate(recipe.get("steps", [])):
+            prefix = f"{i}."
+            sub = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            steps.append(from_state(r, sub))
+        return Pipeline(tuple(steps))
+    t = from_recipe(recipe)
+    values = {}
+    for f in dataclasses.fields(t):
+        if f.name in recipe:
+            continue
+        if f.name not in arrays:
+            raise ValueError(
+                f"The fitted {kind!r} transform lacks its array {f.name!r} (recipe {recipe})."
+            )
+        a = np.asarray(arrays[f.name])
+        values[f.name] = a.item() if a.ndim == 0 else a
+    return dataclasses.replace(t, **values)
+
+
+def equal(a, b) -> bool:
+    """Whether two fitted transforms (or None, the identity) map images identically."""
+    if a is None or b is None:
+        return (a is None or _is_identity(a)) and (b is None or _is_identity(b))
+    (ra, xa), (rb, xb) = state(a), state(b)
+    if _normal(ra) != _normal(rb) or set(xa) != set(xb):
+        return False
+    return all(np.array_equal(np.asarray(xa[k]), np.asarray(xb[k])) for k in xa)
+
+
+def _is_identity(t) -> bool:
+    return isinstance(t, Pipeline) and not t.steps
+
+
+def _normal(recipe: dict) -> dict:
+    # A one-step pipeline and the step itself are the same transform.
+    if recipe.get("kind") == "pipeline" and len(recipe["steps"]) == 1:
+        return _normal(recipe["steps"][0])
+    return recipe

@@ -13,7 +13,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from kipnb.distilled import _jsonable, atomic_write_bytes
+from kipnb.distilled import atomic_write_bytes, jsonable
 
 __all__ = ["machine_info", "write_json", "write_results"]
 
@@ -37,7 +37,7 @@ def machine_info() -> dict[str, Any]:
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:
     """Atomically write ``data`` (made JSON-able) as indented JSON."""
-    text = json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n"
+    text = json.dumps(jsonable(data), indent=2, sort_keys=False) + "\n"
     return atomic_write_bytes(Path(path), lambda f: f.write(text.encode()))
 
 

@@ -10,8 +10,8 @@
 Each notebook ``NAME.ipynb`` is executed into ``OUTPUT/NAME.ipynb`` with the parameter
 ``OUTPUT_DIR`` set to ``OUTPUT/NAME/``, where it writes ``results.json`` and its files
 (distilled sets, checkpoints); the runner adds every figure the notebook showed as
-``OUTPUT/NAME/figures/cellNN-K.png``. Kernels talk over IPC, not TCP. The runner prints the time per notebook and a summary, writes ``OUTPUT/summary.json``,
-and exits non-zero when a notebook fails, naming the notebook and the failing cell.
+``OUTPUT/NAME/figures/cellNN-K.png``. Kernels talk over IPC, not TCP. The runner prints
+the time per notebook and a summary, writes ``OUTPUT/summary.json``, and exits non-zero when a notebook fails, naming the notebook and the failing cell.
 
 Parameters: ``-p NAME VALUE`` (VALUE is read as YAML, so ``10``, ``0.5``, ``true``,
 ``[1, 10]`` and ``fashion_mnist`` mean what they look like) applies to every notebook
@@ -189,7 +189,9 @@ def ipc_kernel_manager_class():
     return IPCKernelManager
 
 
-def export_figures(executed_notebook: str | os.PathLike, figures_dir: str | os.PathLike) -> list[Path]:
+def export_figures(
+    executed_notebook: str | os.PathLike, figures_dir: str | os.PathLike
+) -> list[Path]:
     """Write every PNG figure shown in an executed notebook to ``figures_dir``.
 
     Files are named ``cellNN-K.png`` (the code cell's index in the notebook, the figure's

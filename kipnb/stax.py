@@ -1277,6 +1277,7 @@ def _layer_triple(layers: tuple[_Layer, ...]):
         return shape, params
 
     def apply_fn(params, inputs, **kwargs):
+        _check_apply_kwargs(kwargs)
         x = jnp.asarray(inputs)
         if len(params) != len(layers):
             raise ValueError(f"apply_fn got {len(params)} parameter groups for {len(layers)} "
@@ -1291,6 +1292,19 @@ def _layer_triple(layers: tuple[_Layer, ...]):
     return init_fn, apply_fn, kernel_fn
 
 
+def _check_apply_kwargs(kwargs: dict) -> None:
+    """neural-tangents passes ``rng`` (and layer-specific keywords such as a dropout's
+    ``mask``) through ``apply_fn``; kipnb's layers are deterministic, so ``rng`` is
+    accepted and unused, and any other keyword is an error rather than silently dropped."""
+    unknown = sorted(set(kwargs) - {"rng"})
+    if unknown:
+        raise TypeError(
+            f"apply_fn got unexpected keyword argument(s) {unknown}: kipnb.stax layers take "
+            "only (params, inputs) and an optional rng=, which they do not use (no layer "
+            "here is random)."
+        )
+
+
 def _single(layer: _Layer):
     init_fn, apply_fn, kernel_fn = _layer_triple((layer,))
 
@@ -1299,7 +1313,7 @@ def _single(layer: _Layer):
         return shape, params[0]
 
     def apply_one(params, inputs, **kwargs):
-        return apply_fn([params], inputs)
+        return apply_fn([params], inputs, **kwargs)
 
     return init_one, apply_one, kernel_fn
 

@@ -81,6 +81,7 @@ from jax.flatten_util import ravel_pytree
 
 from kipnb import augment as augment_lib
 from kipnb import checkpoint, experts, nets
+from kipnb.checks import is_int as _is_int
 from kipnb.distilled import DistilledSet
 
 __all__ = [
@@ -109,10 +110,6 @@ CHECKPOINT_NAME = "tm_checkpoint.npz"
 
 class TMNumericalError(FloatingPointError):
     """The matching loss or its gradient became NaN/Inf."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
 def _is_pos(v) -> bool:
@@ -286,21 +283,21 @@ PARAMETER_SETS: dict[str, dict] = {
         experts=_CIFAR_EXPERTS,
         tm=dict(method="mtt", ipc=1, iterations=5000, syn_steps=50, expert_epochs=2,
                 max_start_epoch=2, lr_img=1000.0, lr_lr=1e-7, lr_teacher=0.01),
-        eval=dict(epochs=1000, batch_size=256), published=46.3,
+        eval=dict(epochs=1001, batch_size=256), published=46.3,
         source="MTT (Cazenavette et al. 2022), CIFAR-10 hyper-parameter table",
     ),
     "mtt_cifar10_ipc10": dict(
         experts=_CIFAR_EXPERTS,
         tm=dict(method="mtt", ipc=10, iterations=5000, syn_steps=30, expert_epochs=2,
                 max_start_epoch=20, lr_img=1e5, lr_lr=1e-5, lr_teacher=0.01),
-        eval=dict(epochs=1000, batch_size=256), published=65.3,
+        eval=dict(epochs=1001, batch_size=256), published=65.3,
         source="MTT (Cazenavette et al. 2022), CIFAR-10 hyper-parameter table",
     ),
     "mtt_cifar10_ipc50": dict(
         experts={**_CIFAR_EXPERTS, "preprocessing": "standardize"},
         tm=dict(method="mtt", ipc=50, iterations=5000, syn_steps=30, expert_epochs=2,
                 max_start_epoch=40, lr_img=1000.0, lr_lr=1e-5, lr_teacher=0.01),
-        eval=dict(epochs=1000, batch_size=256), published=71.6,
+        eval=dict(epochs=1001, batch_size=256), published=71.6,
         source="MTT (Cazenavette et al. 2022), CIFAR-10 hyper-parameter table",
     ),
     # DATM, CIFAR-10, ConvNet-3 (instance norm), ZCA: configs/CIFAR-10/ConvIN/IPC*.yaml
@@ -311,7 +308,7 @@ PARAMETER_SETS: dict[str, dict] = {
                 min_start_epoch=0, current_max_start_epoch=2, max_start_epoch=4,
                 expansion_end=1000, lr_img=100.0, lr_lr=1e-7, lr_label=5.0,
                 lr_teacher=0.01, threshold=1.1),
-        eval=dict(epochs=1000, batch_size=128), published=46.9,
+        eval=dict(epochs=1001, batch_size=128), published=46.9,
         source="DATM (Guo et al. 2024), configs/CIFAR-10/ConvIN/IPC1.yaml",
     ),
     "datm_cifar10_ipc10": dict(
@@ -320,7 +317,7 @@ PARAMETER_SETS: dict[str, dict] = {
                 min_start_epoch=0, current_max_start_epoch=10, max_start_epoch=20,
                 expansion_end=1000, lr_img=100.0, lr_lr=1e-5, lr_label=2.0,
                 lr_teacher=0.01, threshold=1.0, batch_syn=100),
-        eval=dict(epochs=1000, batch_size=128), published=66.8,
+        eval=dict(epochs=1001, batch_size=128), published=66.8,
         source="DATM (Guo et al. 2024), configs/CIFAR-10/ConvIN/IPC10.yaml",
     ),
     "datm_cifar10_ipc50": dict(
@@ -329,7 +326,7 @@ PARAMETER_SETS: dict[str, dict] = {
                 min_start_epoch=0, current_max_start_epoch=20, max_start_epoch=40,
                 expansion_end=2000, lr_img=1000.0, lr_lr=1e-5, lr_label=2.0,
                 lr_teacher=0.01, threshold=1.0, batch_syn=500),
-        eval=dict(epochs=1000, batch_size=128), published=76.1,
+        eval=dict(epochs=1001, batch_size=128), published=76.1,
         source="DATM (Guo et al. 2024), configs/CIFAR-10/ConvIN/IPC50.yaml",
     ),
     # Fashion-MNIST on a CPU: narrow ConvNet-3 (width 32), few experts and epochs.
@@ -695,8 +692,8 @@ def run(
       initial: ``dict(images=..., labels=...)`` to start from instead of ``init``.
 
     Returns a :class:`TMResult`; ``result.distilled`` (a :class:`DistilledSet`) has the
-    images in pixel space, the model-space ones in ``arrays['model_images']``, the
-    learned lr in ``extra['lr']`` and, for DATM, the soft-label logits as ``labels``.
+    model-space images with the data's fitted transform, the learned lr as ``lr``, and
+    hard classes (MTT, ``label_kind='class'``) or DATM's logits (``'logits'``).
     """
     if not isinstance(config, TMConfig):
         raise TypeError(f"config must be a TMConfig, got {type(config).__name__}.")
@@ -844,22 +841,22 @@ def run(
     labels_out = np.asarray(state["labels"], np.float32)
     res = last_eval[0]
     distilled = DistilledSet(
-        images=np.asarray(data.transform.invert(images_out), np.float32),
+        images=images_out,
         labels=labels_out if config.soft_labels else classes,
-        method=config.method,
-        dataset=data.dataset,
-        ipc=config.ipc,
-        preprocessing=data.transform.recipe(),
-        config={"tm": cfg_dict, "experts": dataclasses.asdict(trajectories.config)},
+        label_kind="logits" if config.soft_labels else "class",
+        num_classes=C,
+        classes=classes,
+        transform=data.transform,
+        lr=float(state["lr"]),
+        source={"method": config.method, "learner": dataclasses.asdict(trajectories.net),
+                "config": {"tm": cfg_dict, "experts": dataclasses.asdict(trajectories.config)},
+                "dataset": data.dataset, "ipc": config.ipc,
+                "data_fingerprint": data.fingerprint()},
         extra={
-            "lr": float(state["lr"]),
             "iterations": config.iterations,
             "test_acc": None if res is None else res.mean,
             "test_std": None if res is None else res.std,
-            "net": dataclasses.asdict(trajectories.net),
-            "soft_labels": config.soft_labels,
         },
-        arrays={"model_images": images_out, "classes": classes},
     )
     return TMResult(distilled=distilled, history=history, config=config, images=images_out,
                     labels=labels_out, lr=float(state["lr"]), evaluation=res)

@@ -75,6 +75,7 @@ import numpy as np
 import optax
 
 from kipnb import archs, krr, shard
+from kipnb.checks import is_int as _is_int
 from kipnb.distilled import DistilledSet
 
 __all__ = ["ARCH_DEFAULTS", "LOSSES", "OPTIMIZERS", "TrainConfig", "train_network", "transfer"]
@@ -87,10 +88,6 @@ OPTIMIZERS = ("adam", "sgd")
 #: Steps between NaN checks and progress-bar updates (the host waits for the device only
 #: then).
 _CHUNK = 100
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
 def _is_pos_real(v) -> bool:
@@ -593,9 +590,10 @@ def transfer(
     """Train one network per seed of ``config.seeds`` on a support set; test accuracies.
 
     Args:
-      distilled_or_xy: a :class:`~kipnb.distilled.DistilledSet` (its ``images`` and
-        ``labels``: learned label vectors are used as given) or a tuple
-        ``(images, labels)`` with labels ``(n, C)`` or ``(n,)`` integer classes.
+      distilled_or_xy: a tuple ``(images, labels)`` of arrays in the test images'
+        space, labels ``(n, C)`` (used as given) or ``(n,)`` integer classes. For a
+        :class:`~kipnb.DistilledSet` use :func:`kipnb.evaluate.network`, which brings
+        it into the data's space and converts its labels by their kind.
       x_test, labels_test: test images (n_t, H, W, C) preprocessed like the support
         images, and their (n_t,) integer classes (or (n_t, C) label vectors).
       config: a :class:`TrainConfig`; None: the defaults.
@@ -612,12 +610,16 @@ def transfer(
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}.")
     if isinstance(distilled_or_xy, DistilledSet):
-        images, labels = distilled_or_xy.images, distilled_or_xy.labels
-    elif isinstance(distilled_or_xy, tuple | list) and len(distilled_or_xy) == 2:
+        raise TypeError(
+            "train.transfer trains on arrays (images, labels) already in the test data's space; "
+            "judge a DistilledSet with kipnb.evaluate.network(ds, data, protocol='kip_transfer'), "
+            "which converts its space and label kind."
+        )
+    if isinstance(distilled_or_xy, tuple | list) and len(distilled_or_xy) == 2:
         images, labels = distilled_or_xy
     else:
         raise ValueError(
-            f"transfer needs a DistilledSet or a tuple (images, labels), got "
+            f"transfer needs a tuple (images, labels) of arrays, got "
             f"{type(distilled_or_xy).__name__}."
         )
     seeds = config.seeds

@@ -125,10 +125,13 @@ def test_kip_learns_and_beats_its_initialization(digits):
     ds = r.distilled
     assert ds.method == "kip" and ds.ipc == 1 and ds.images.shape == (10, 8, 8, 1)
     assert ds.extra["test_acc"] == h["test_acc"][-1]
-    # pixel-space images map back to the exact model-space ones
-    np.testing.assert_allclose(digits.transform.apply(ds.images), r.support["images"],
+    # format 2: the exact model-space images, the data's transform, regression labels
+    np.testing.assert_array_equal(ds.images, r.support["images"])
+    np.testing.assert_allclose(digits.transform.apply(ds.to_pixels()), r.support["images"],
                                atol=1e-4)
-    np.testing.assert_array_equal(kip.model_inputs(ds), r.support["images"])
+    assert ds.label_kind == "regression" and ds.transform is digits.transform
+    assert ds.classes.tolist() == list(range(10)) and ds.lr is None
+    assert ds.source["data_fingerprint"] == digits.fingerprint()
     acc = kip.evaluate_krr(r.support["images"], r.support["labels"], digits, arch="fc", depth=2)
     assert acc == pytest.approx(h["test_acc"][-1])
 
@@ -283,8 +286,8 @@ def test_cifar10_colab_parameter_set_runs_on_cifar_format_files(tmp_path):
     assert np.isfinite(r.history["loss"]).all() and len(r.history["test_acc"]) == 2
     path = r.distilled.save(tmp_path / "kip.npz")
     back = DistilledSet.load(path)
-    np.testing.assert_array_equal(kip.model_inputs(back), r.support["images"])
-    assert back.config["learning_rate"] == 0.04
+    np.testing.assert_array_equal(back.images, r.support["images"])
+    assert back.source["config"]["learning_rate"] == 0.04
 
 
 def test_given_initial_support_is_used_and_checked(digits, tmp_path):

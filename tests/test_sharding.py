@@ -175,12 +175,27 @@ def test_shard_helpers():
         shard.shard_batch(np.float32(1.0), m)
 
 
-def test_shard_batch_needs_multiple():
+def _needs_multiple_error() -> str:
+    """In a process with several devices: shard_batch's error for a non-multiple size."""
     m = shard.mesh()
-    if shard.device_count(m) == 1:
-        pytest.skip("every size is a multiple of one device")
-    with pytest.raises(ValueError, match="pad_to_multiple"):
+    try:
         shard.shard_batch(np.zeros(shard.device_count(m) + 1), m)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_shard_batch_needs_multiple():
+    # Runs in the 8-device subprocess: with one device every size is a multiple.
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEV}")
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_sharding as t; "
+            "print('MSG' + t._needs_multiple_error())")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    msg = [ln for ln in proc.stdout.splitlines() if ln.startswith("MSG")][-1]
+    assert "pad_to_multiple" in msg, msg
 
 
 def test_maybe_initialize_distributed_single_process(monkeypatch):

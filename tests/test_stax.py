@@ -570,3 +570,19 @@ def test_identical_pairs_float32_diagonal():
 def test_boundary_threshold_scales_with_rounding():
     assert stax.boundary_ulps(1) == 8
     assert stax.boundary_ulps(784) == pytest.approx(8 * 28)
+
+
+def test_apply_fn_refuses_unknown_keywords():
+    import jax
+
+    init_fn, apply_fn, _ = stax.serial(stax.Dense(4), stax.Relu(), stax.Dense(2))
+    _, params = init_fn(jax.random.PRNGKey(0), (-1, 3))
+    x = np.ones((2, 3), np.float32)
+    out = apply_fn(params, x)
+    np.testing.assert_array_equal(apply_fn(params, x, rng=jax.random.PRNGKey(1)), out)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['mode'\]"):
+        apply_fn(params, x, mode="train")
+    d_init, d_apply, _ = stax.Dense(2)
+    _, p = d_init(jax.random.PRNGKey(0), (-1, 3))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        d_apply(p, x, mask=None)

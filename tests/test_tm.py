@@ -179,9 +179,10 @@ def test_mtt_run_learns_images_and_lr(setup, tmp_path):
     assert np.abs(res.images - init).max() > 1e-4  # the images moved
     ds = res.distilled
     assert ds.method == "mtt" and ds.labels.tolist() == list(range(10))
-    np.testing.assert_allclose(ds.arrays["model_images"], res.images)
-    np.testing.assert_allclose(d.transform.apply(ds.images), res.images, atol=1e-4)
-    assert ds.extra["lr"] == res.lr
+    np.testing.assert_array_equal(ds.images, res.images)
+    np.testing.assert_allclose(d.transform.apply(ds.to_pixels()), res.images, atol=1e-4)
+    assert ds.lr == pytest.approx(res.lr) and ds.label_kind == "class"
+    assert ds.classes.tolist() == list(range(10)) and ds.num_classes == 10
     assert res.evaluation is not None and len(res.evaluation.accuracies) == 2
     assert res.history["test_acc"] == [res.evaluation.mean]
     assert (tmp_path / tm.CHECKPOINT_NAME).exists()
@@ -225,7 +226,7 @@ def test_datm_correct_init_and_soft_labels(setup):
     np.testing.assert_allclose(labels, expect, rtol=1e-5)
     res = tm.run(cfg, d, traj, progress=False)
     assert res.history["window_hi"] == [1, 1, 2]
-    assert res.distilled.labels.shape == (10, 10)
+    assert res.distilled.labels.shape == (10, 10) and res.distilled.label_kind == "logits"
     assert np.abs(res.labels - labels).max() > 0  # the soft labels are learned
 
 
