@@ -11,7 +11,8 @@ Each notebook ``NAME.ipynb`` is executed into ``OUTPUT/NAME.ipynb`` with the par
 ``OUTPUT_DIR`` set to ``OUTPUT/NAME/``, where it writes ``results.json`` and its files
 (distilled sets, checkpoints); the runner adds every figure the notebook showed as
 ``OUTPUT/NAME/figures/cellNN-K.png``. Kernels talk over IPC, not TCP. The runner prints
-the time per notebook and a summary, writes ``OUTPUT/summary.json``, and exits non-zero when a notebook fails, naming the notebook and the failing cell.
+the time per notebook and a summary, writes ``OUTPUT/summary.json``, and exits non-zero
+when a notebook fails, naming the notebook and the failing cell.
 
 Parameters: ``-p NAME VALUE`` (VALUE is read as YAML, so ``10``, ``0.5``, ``true``,
 ``[1, 10]`` and ``fashion_mnist`` mean what they look like) applies to every notebook
