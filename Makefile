@@ -22,7 +22,7 @@ run: $(STAMP) data          ## execute every notebook on Fashion-MNIST into $(OU
 	$(BIN)/python -m kipnb.run --output $(OUT)
 
 test: $(STAMP)              ## the whole suite, notebooks included
-	MPLBACKEND=agg $(BIN)/python -m pytest tests -q
+	MPLBACKEND=agg $(BIN)/python -m pytest tests -q --durations=10
 
 setup: $(STAMP)
 
