@@ -95,17 +95,21 @@ def compute() -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def multi() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEV}")
+def on_8_devices(expr: str, **env_extra) -> str:
+    """The printed value of ``expr`` (over this module as ``t``) in an 8-device process."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEV}", **env_extra)
     code = (f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import test_sharding as t; "
-            "print('JSON' + json.dumps(t.compute()))")
+            f"print('OUT' + {expr})")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("JSON")][-1]
-    return json.loads(line[4:])
+    return [ln for ln in proc.stdout.splitlines() if ln.startswith("OUT")][-1][3:]
+
+
+@pytest.fixture(scope="module")
+def multi() -> dict:
+    return json.loads(on_8_devices("json.dumps(t.compute())", JAX_ENABLE_X64="1"))
 
 
 @pytest.fixture(scope="module")
@@ -187,14 +191,7 @@ def _needs_multiple_error() -> str:
 
 def test_shard_batch_needs_multiple():
     # Runs in the 8-device subprocess: with one device every size is a multiple.
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEV}")
-    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_sharding as t; "
-            "print('MSG' + t._needs_multiple_error())")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    msg = [ln for ln in proc.stdout.splitlines() if ln.startswith("MSG")][-1]
+    msg = on_8_devices("t._needs_multiple_error()")
     assert "pad_to_multiple" in msg, msg
 
 
