@@ -64,3 +64,48 @@ def test_license_is_spdx_and_shipped():
     assert "LICENSE" in pyproject()["license-files"]
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
+
+
+def test_every_module_has_one_public_short_name():
+    """The files are grouped by rung (kernels/, methods/, finite/, infra/); each module is
+    listed in kipnb.LOCATIONS, and its short name is the same module object."""
+    import importlib
+
+    import kipnb
+
+    pkg = ROOT / "kipnb"
+    files = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts)
+        for p in pkg.rglob("*.py") if p.name != "__init__.py"
+    }
+    assert files == set(kipnb.LOCATIONS.values()), (
+        f"modules missing from kipnb.LOCATIONS: {sorted(files - set(kipnb.LOCATIONS.values()))}; "
+        f"listed but absent: {sorted(set(kipnb.LOCATIONS.values()) - files)}")
+    for short, full in kipnb.LOCATIONS.items():
+        module = importlib.import_module(f"kipnb.{short}")
+        assert module is importlib.import_module(full) is getattr(kipnb, short)
+        assert module.__spec__.name == full
+
+
+def test_no_private_name_crosses_modules():
+    """A module uses only the public names of the others (``krr._x`` from sampling is a
+    defect; tests may look inside)."""
+    import re
+
+    import kipnb
+
+    shorts = "|".join(kipnb.LOCATIONS)
+    pattern = re.compile(rf"(?<![\w.])({shorts})\._[a-z]\w*")
+    offenders = []
+    for path in sorted((ROOT / "kipnb").rglob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py")):
+        own = path.stem
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for m in pattern.finditer(code):
+                if m.group(1) != own:
+                    offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {m.group(0)}")
+        for m in re.finditer(r"from kipnb[\w.]* import ([^\n]+)", path.read_text()):
+            names = [n.strip().split(" as ")[0] for n in m.group(1).strip("()").split(",")]
+            offenders += [f"{path.relative_to(ROOT)}: imports {n}" for n in names
+                          if n.startswith("_")]
+    assert not offenders, "private names used across modules:\n" + "\n".join(offenders)
