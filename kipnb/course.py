@@ -644,7 +644,7 @@ def make_student_copies(source_dir: str | Path | None = None,
     steps = [pp.CheckCellMetadata(), pp.ClearSolutions(), pp.ClearHiddenTests(),
              pp.ClearMarkScheme(), pp.ClearOutput(), pp.LockCells(), pp.ComputeChecksums()]
     written = []
-    for path in sorted(source_dir.glob("[0-9][0-9]_*.ipynb")):
+    for path in sorted(source_dir.glob("[0-9][0-9]*_*.ipynb")):
         nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
         resources: dict[str, Any] = {}
         for step in steps:
@@ -783,7 +783,7 @@ def write_scores(scores: Sequence[Score], output_dir: str | Path) -> tuple[Path,
 
 def _submissions(root: Path) -> list[tuple[str, Path]]:
     found = []
-    for path in sorted(root.rglob("[0-9][0-9]_*.ipynb")):
+    for path in sorted(root.rglob("[0-9][0-9]*_*.ipynb")):
         rel = path.relative_to(root)
         if ".ipynb_checkpoints" in rel.parts:
             continue

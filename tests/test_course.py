@@ -199,7 +199,7 @@ def test_grade_instructor_blank_and_wrong_submissions(student_dir, tmp_path):
 def test_cli_student_and_grade_of_nothing(tmp_path, capsys):
     assert course.main(["student", "-o", str(tmp_path / "s")]) == 0
     assert sorted(p.name for p in (tmp_path / "s").glob("*.ipynb")) == sorted(
-        p.name for p in NB_DIR.glob("[0-9][0-9]_*.ipynb"))
+        p.name for p in NB_DIR.glob("[0-9][0-9]*_*.ipynb"))
     (tmp_path / "empty").mkdir()
     assert course.main(["grade", str(tmp_path / "empty"), "-o", str(tmp_path / "g")]) == 0
     assert (tmp_path / "g" / "scores.csv").read_text().strip() == (
