@@ -139,8 +139,10 @@ __all__ = [
     "Dense",
     "Erf",
     "Flatten",
+    "Gelu",
     "GlobalAvgPool",
     "Identity",
+    "LayerNorm",
     "LeakyRelu",
     "Relu",
     "batch",
@@ -1103,6 +1105,111 @@ class _Erf(_Elementwise):
         return self.a**2 * nngp + self.c**2, dot
 
 
+# --------------------------------------------------------------------------- Gelu, LayerNorm
+
+
+class _Gelu(_Elementwise):
+    """``x * Phi(x)``: closed-form kernels of Tsuchida et al. (2020), as neural-tangents.
+
+    With ``P = k11 * k22``, ``P1 = (1 + k11) * (1 + k22)``, ``D = sqrt(P1 - k12**2)``
+    (always positive: no boundary singularity) and ``theta = arctan2(k12, D)``:
+
+    * NNGP ``k12 / 4 + (k12 * theta + (k12**2 + P * D**2) / (P1 * D)) / (2 pi)``;
+    * derivative kernel ``1/4 + theta / (2 pi)
+      + k12 / (2 pi D) * (1 / D**2 + (1 - P) / P1 + 1)``.
+    """
+
+    name = "Gelu"
+
+    def __init__(self, approximate: bool):
+        self.approximate = bool(approximate)
+
+    def fn(self, x):
+        return jax.nn.gelu(x, approximate=self.approximate)
+
+    def cross(self, k12, k11, k22, want_dot, ulps=_BOUNDARY_ULPS):
+        del ulps  # D >= 1: the Gelu kernel has no boundary singularity
+        prod = k11 * k22
+        prod1 = (k11 + 1.0) * (k22 + 1.0)
+        delta2 = prod1 - k12 * k12
+        delta = jnp.sqrt(delta2)
+        angle = _safe_arctan2(k12, delta, 0.0)
+        nngp = ((k12 * k12 + prod * delta2) / (prod1 * delta) + k12 * angle) / (2 * math.pi)
+        nngp = nngp + 0.25 * k12
+        dot = None
+        if want_dot:
+            first = (1.0 / delta2 + (1.0 - prod) / prod1 + 1.0) * k12 / delta / (2 * math.pi)
+            dot = first + 0.25 + angle / (2 * math.pi)
+        return nngp, dot
+
+
+class _LayerNorm(_Elementwise):
+    """Normalisation by the (spatially averaged) variance; Gaussian in, Gaussian out.
+
+    The kernel divides the covariance of pixels ``p`` (of ``x1``) and ``q`` (of ``x2``)
+    by ``sqrt((eps + v1(p)) * (eps + v2(q)))``, where ``v(p)`` is the variance at ``p``,
+    averaged over the spatial axes in ``axis`` (the channel mean subtracted by the finite
+    layer vanishes at infinite width). The NTK is divided by the same factor. The self
+    pass records ``1 / sqrt(eps + v)`` per pixel, which the cross pass reads at ``p`` and
+    ``q`` like a nonlinearity's variances (zero outside the image, where the band
+    covariance is zero too).
+    """
+
+    name = "LayerNorm"
+    gaussian_out = None  # keeps Gaussianity (as neural-tangents' LayerNorm)
+
+    def __init__(self, axis, eps: float):
+        self.axis = (int(axis),) if isinstance(axis, (int, np.integer)) else tuple(
+            int(a) for a in axis)
+        self.eps = float(eps)
+
+    def _spatial_axes(self, ndim: int, where: str = "LayerNorm") -> tuple[int, ...]:
+        """The spatial axes (1 .. ndim-2) normalised over; checks the channel/batch axes."""
+        axes = sorted({a % ndim for a in self.axis})
+        if any(not -ndim <= a < ndim for a in self.axis):
+            raise ValueError(f"{where}: axis={self.axis} is out of range for {ndim}-D inputs.")
+        if ndim - 1 not in axes:
+            raise ValueError(
+                f"{where}: axis={self.axis} does not include the channel axis (-1). The "
+                f"infinite-width kernel needs the normalisation over channels (as in "
+                f"neural-tangents); e.g. LayerNorm(axis=-1) per pixel or "
+                f"LayerNorm(axis=(1, 2, 3)) over NHWC images. (Instance norm, axis=(1, 2), "
+                f"has no infinite-width kernel.)"
+            )
+        if 0 in axes:
+            raise ValueError(
+                f"{where}: axis={self.axis} includes the batch axis 0; kipnb.stax normalises "
+                f"each input on its own. Drop 0 from axis."
+            )
+        return tuple(a for a in axes if a != ndim - 1)
+
+    def need(self, r_out, in_shape, out_shape):
+        self._spatial_axes(len(in_shape))  # a clear error before tracing
+        return r_out
+
+    def apply(self, params, x):
+        axes = tuple(sorted({a % x.ndim for a in self.axis}))
+        mean = jnp.mean(x, axis=axes, keepdims=True)
+        var = jnp.mean((x - mean) ** 2, axis=axes, keepdims=True)
+        return (x - mean) / jnp.sqrt(self.eps + var)
+
+    def kernel(self, k, in_shape, out_shape, dims_out):
+        dims = k.dims
+        if k.nb == 1:
+            cov = k.arrays["cov"]
+            v = _diag(cov, dims)  # (N, P0, P1, ...)
+            spatial = self._spatial_axes(len(in_shape))  # input axis a -> v axis a
+            n = self.eps + v
+            if spatial:
+                n = jnp.broadcast_to(jnp.mean(n, axis=spatial, keepdims=True), v.shape)
+            r = lax.rsqrt(n)
+            k.variances[k.index] = r
+            return dataclasses.replace(k, arrays={"cov": cov * _at_p(r, dims) * _at_q(r, dims)})
+        r1p, r2q = k.variances[k.index]
+        scale = r1p[:, None] * r2q[None]
+        return k.map(lambda x, nb, name: x * scale)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -1457,6 +1564,79 @@ def Abs(do_stabilize: bool = False):
 def Erf(a: float = 1.0, b: float = 1.0, c: float = 0.0):
     """``a * erf(b * x) + c`` (``neural_tangents.stax.Erf``)."""
     return _single(_Erf(a, b, c))
+
+
+def Gelu(approximate: bool = False):
+    r"""GELU nonlinearity ``x * Phi(x)`` (``neural_tangents.stax.Gelu``).
+
+    Its kernels are closed-form (Tsuchida et al., 2020, "Avoiding kernel fixed points";
+    the NTK as in neural-tangents): with :math:`P = k_{11} k_{22}`,
+    :math:`P_1 = (1 + k_{11})(1 + k_{22})`, :math:`D = \sqrt{P_1 - k_{12}^2}` and
+    :math:`\theta = \arctan(k_{12} / D)`,
+
+    .. math::
+
+        \mathcal{K}' = \frac{k_{12}}{4} + \frac{1}{2\pi}\Big(k_{12}\theta
+            + \frac{k_{12}^2 + P D^2}{P_1 D}\Big), \qquad
+        \dot{\mathcal{K}} = \frac14 + \frac{\theta}{2\pi}
+            + \frac{k_{12}}{2\pi D}\Big(\frac{1}{D^2} + \frac{1 - P}{P_1} + 1\Big).
+
+    Args:
+      approximate: only for the finite network (``apply_fn``): use the ``tanh``
+        approximation of :func:`jax.nn.gelu`. The kernels are those of the exact GELU.
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> _, _, kernel_fn = serial(Dense(8), Gelu(), Dense(1))
+      >>> x = np.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> np.round(kernel_fn(x, None, "nngp"), 4)
+      Array([[0.4253, 0.25  ],
+             [0.25  , 0.4253]], dtype=float32)
+    """
+    return _single(_Gelu(approximate))
+
+
+def LayerNorm(axis=-1, eps: float = 1e-12, batch_axis: int = 0, channel_axis: int = -1):
+    r"""Layer normalisation (``neural_tangents.stax.LayerNorm``).
+
+    The finite layer computes ``(x - mean) / sqrt(eps + var)`` over ``axis``. Its
+    infinite-width kernels normalise the covariance: for pixels ``p`` of ``x1`` and
+    ``q`` of ``x2``,
+
+    .. math::
+
+        \mathcal{K}'(p, q) = \frac{\mathcal{K}(p, q)}
+            {\sqrt{(\epsilon + \bar v_1(p)) (\epsilon + \bar v_2(q))}},
+
+    with :math:`\bar v(p)` the variance :math:`\mathcal{K}(p, p)` averaged over the spatial
+    axes in ``axis`` (``axis=-1``: per pixel; ``axis=(1, 2, 3)`` on NHWC images: over the
+    whole image). The NTK is divided by the same factor. As in neural-tangents the input
+    must be Gaussian (come from ``Dense``/``Conv``, possibly pooled), ``axis`` must include
+    the channel axis, and the output stays Gaussian (a nonlinearity may follow).
+
+    Args:
+      axis: the axis or axes normalised over; must contain ``-1`` (channels) and not ``0``.
+      eps: added to the variance (avoids division by zero).
+      batch_axis: must be ``0`` (batch-first inputs).
+      channel_axis: must be ``-1`` (channels-last inputs).
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> _, _, kernel_fn = serial(Dense(8), LayerNorm(), Dense(1))
+      >>> x = np.array([[3.0, 0.0], [1.0, 1.0]])
+      >>> np.round(kernel_fn(x, None, "nngp"), 4)  # the cosine similarity
+      Array([[1.    , 0.7071],
+             [0.7071, 1.    ]], dtype=float32)
+    """
+    _check_axes("LayerNorm", batch_axis=batch_axis, channel_axis=channel_axis)
+    layer = _LayerNorm(axis, eps)
+    return _single(layer)
 
 
 # --------------------------------------------------------------------------- batching

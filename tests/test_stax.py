@@ -23,7 +23,7 @@ CASES = sorted({k.split("/")[0] for k in FIXTURES.files if not k.startswith("met
 # full conv storage); only a few, because compiling gradients dominates the test time.
 GRAD_CASES = [c for c in CASES if f"{c}/grad_ntk" in FIXTURES.files]
 LAYERS = ("serial", "Dense", "Conv", "Relu", "LeakyRelu", "Abs", "Erf", "AvgPool",
-          "GlobalAvgPool", "Flatten")
+          "GlobalAvgPool", "Flatten", "Gelu", "LayerNorm")
 
 
 def build(arch: str):
