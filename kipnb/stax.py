@@ -2007,10 +2007,14 @@ def _split_kwargs(kwargs: dict, x1, x2):
     k1, k2 = {}, {}
     for name, v in kwargs.items():
         if name == "rng" and x2 is not None and v is not None:
-            same = x1 is x2 or (jnp.shape(x1) == jnp.shape(x2)
-                                and bool(jnp.all(jnp.asarray(x1) == jnp.asarray(x2))))
             k1[name] = v
-            k2[name] = v if same else jax.random.fold_in(v, 1)
+            if x1 is x2:
+                k2[name] = v
+            elif jnp.shape(x1) != jnp.shape(x2):
+                k2[name] = jax.random.fold_in(v, 1)
+            else:  # traceable: the same key exactly when x2 equals x1
+                same = jnp.all(jnp.asarray(x1) == jnp.asarray(x2))
+                k2[name] = jnp.where(same, v, jax.random.fold_in(v, 1))
         elif isinstance(v, tuple) and len(v) == 2:
             k1[name], k2[name] = v
         else:
