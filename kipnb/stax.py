@@ -26,7 +26,11 @@ Supported
 ``serial``, ``Dense``, ``Conv`` (``'SAME'``/``'VALID'`` padding, strides, 1-3 spatial
 dimensions), ``Relu`` (and ``ABRelu``, ``LeakyRelu``, ``Abs``), ``Erf``, ``AvgPool``
 (``'SAME'``/``'VALID'``, strides, ``normalize_edges``), ``GlobalAvgPool``, ``Flatten``,
-``Identity`` and ``batch``. Argument names and defaults are those of neural-tangents
+``Identity``, ``Gelu``, ``LayerNorm`` (``axis`` containing the channel axis: per pixel
+or over the image, as neural-tangents) and ``batch``; finite-network kernels
+``empirical_nngp_fn``, ``empirical_ntk_fn``, ``empirical_kernel_fn`` and
+``monte_carlo_kernel_fn`` (in neural-tangents at the package's top level,
+``nt.monte_carlo_kernel_fn``). Argument names and defaults are those of neural-tangents
 0.6.5; ``W_std``, ``b_std``, ``parameterization='ntk' | 'standard'`` and ``s`` enter the
 kernels by neural-tangents' formulas (its values are the test fixtures, see
 ``scripts/make_nt_fixtures.py``). Inputs are ``(N, D)`` for dense networks and
@@ -36,9 +40,11 @@ nets. Kernels are computed in the inputs' float dtype (float32, or float64 when
 
 Not supported (a clear error, never a silent wrong answer): ``parallel``/``FanOut``,
 ``CIRCULAR`` padding, non-default ``batch_axis``/``channel_axis``/``dimension_numbers``,
-masking, dropout, ``LayerNorm``, attention, ``diagonal_batch``/``diagonal_spatial``
-keyword arguments, and kernel outputs other than ``nngp`` and ``ntk``. ``do_stabilize``
-is accepted and has no effect (ReLU kernels are positively homogeneous).
+masking, dropout, ``LayerNorm`` over the batch axis or without the channel axis (instance
+norm: the finite layer runs, its kernel is an error, as in neural-tangents), attention,
+``diagonal_batch``/``diagonal_spatial`` keyword arguments, and kernel outputs other than
+``nngp`` and ``ntk``. ``do_stabilize`` is accepted and has no effect (ReLU kernels are
+positively homogeneous).
 
 How the spatial covariance is represented
 -----------------------------------------
