@@ -112,7 +112,7 @@ def test_gradient_matches_neural_tangents_float64(case):
     assert rel_err(grad, FIXTURES[f"{case}/grad_ntk"]) < 1e-5
 
 
-@pytest.mark.parametrize("case", ["fc3_bias", "erf_pool_band", "gap_net"])
+@pytest.mark.parametrize("case", ["fc3_bias", "erf_pool_band", "gap_net", "layernorm_conv_band"])
 def test_float32_agrees_with_float64_reference(case):
     """float32 kernels (the default dtype) agree with the float64 reference."""
     _, _, kernel_fn = build(str(FIXTURES[f"{case}/arch"]))
