@@ -141,12 +141,47 @@ CASES: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {
     "spatial_output": (
         "serial(Conv(16, (3, 3), padding='SAME', b_std=0.1), Relu(), Conv(4, (2, 2)))",
         (3, 5, 5, 2), (2, 5, 5, 2)),
+    # Gelu and LayerNorm (issue 15; appended, so the inputs of the cases above are unchanged).
+    "gelu_fc": (
+        "serial(Dense(32, W_std=1.3, b_std=0.2), Gelu(), Dense(32, W_std=1.2, b_std=0.1), "
+        "Gelu(approximate=True), Dense(1, W_std=0.9, b_std=0.05))",
+        (4, 9), (3, 9)),
+    "layernorm_fc": (
+        "serial(Dense(32, W_std=1.5, b_std=0.1), LayerNorm(), Relu(), "
+        "Dense(16, W_std=1.2, b_std=0.2, parameterization='standard'), "
+        "LayerNorm(axis=-1, eps=0.1), Gelu(), Dense(1, b_std=0.1))",
+        (4, 7), (3, 7)),
+    "layernorm_conv_band": (
+        "serial(Conv(8, (3, 3), padding='SAME', W_std=1.3, b_std=0.1), LayerNorm(), Relu(), "
+        "AvgPool((2, 2), (2, 2)), Conv(8, (3, 3), padding='SAME', W_std=1.2), "
+        "LayerNorm(axis=-1, eps=0.01), Gelu(), AvgPool((2, 2), (2, 2)), Flatten(), "
+        "Dense(1, b_std=0.1))",
+        (3, 12, 12, 2), (2, 12, 12, 2)),
+    # The ConvNet of Google Research's kip/nn_training.ipynb (prepended conv, blocks of
+    # conv, LayerNorm over (H, W, C), activation, 2x2 pooling; standard parameterization).
+    "nn_training_convnet": (
+        "serial(Conv(16, (3, 3), padding='SAME', W_std=1.4142135623730951, b_std=0.1, "
+        "parameterization='standard'), Relu(), "
+        "Conv(16, (3, 3), padding='SAME', W_std=1.4142135623730951, b_std=0.1, "
+        "parameterization='standard'), LayerNorm(axis=(1, 2, 3)), Relu(), "
+        "AvgPool((2, 2), strides=(2, 2)), "
+        "Conv(16, (3, 3), padding='SAME', W_std=1.4142135623730951, b_std=0.1, "
+        "parameterization='standard'), LayerNorm(axis=(1, 2, 3)), Relu(), "
+        "AvgPool((2, 2), strides=(2, 2)), Flatten(), "
+        "Dense(10, 1.4142135623730951, 0.1, parameterization='standard'))",
+        (3, 8, 8, 3), (2, 8, 8, 3)),
+    "layernorm_gelu_gap": (
+        "serial(Conv(8, (3, 3), padding='SAME', W_std=1.4, b_std=0.1), "
+        "LayerNorm(axis=(1, 2, 3), eps=0.05), Gelu(), Conv(8, (2, 2), W_std=1.3), "
+        "LayerNorm(axis=(2, 3)), Gelu(), GlobalAvgPool(), Dense(1, b_std=0.1))",
+        (3, 6, 5, 2), (2, 6, 5, 2)),
 }
 
 
 # Cases that also store a gradient: dense, Erf, standard parameterization, banded conv +
 # pool storage, full storage (GlobalAvgPool). Kept few: the test compiles each gradient.
-GRADIENT_CASES = ("fc3_bias", "erf_net", "standard_s", "strided_band", "gap_net")
+GRADIENT_CASES = ("fc3_bias", "erf_net", "standard_s", "strided_band", "gap_net", "gelu_fc",
+                  "layernorm_conv_band")
 
 
 def weights(shape) -> np.ndarray:
@@ -158,7 +193,7 @@ def weights(shape) -> np.ndarray:
 def build(arch: str):
     names = {n: getattr(stax, n) for n in (
         "serial", "Dense", "Conv", "Relu", "LeakyRelu", "Abs", "Erf", "AvgPool",
-        "GlobalAvgPool", "Flatten")}
+        "GlobalAvgPool", "Flatten", "Gelu", "LayerNorm")}
     return eval(arch, {"__builtins__": {}}, names)  # noqa: S307 - our own constant strings
 
 

@@ -26,7 +26,11 @@ Supported
 ``serial``, ``Dense``, ``Conv`` (``'SAME'``/``'VALID'`` padding, strides, 1-3 spatial
 dimensions), ``Relu`` (and ``ABRelu``, ``LeakyRelu``, ``Abs``), ``Erf``, ``AvgPool``
 (``'SAME'``/``'VALID'``, strides, ``normalize_edges``), ``GlobalAvgPool``, ``Flatten``,
-``Identity`` and ``batch``. Argument names and defaults are those of neural-tangents
+``Identity``, ``Gelu``, ``LayerNorm`` (``axis`` containing the channel axis: per pixel
+or over the image, as neural-tangents) and ``batch``; finite-network kernels
+``empirical_nngp_fn``, ``empirical_ntk_fn``, ``empirical_kernel_fn`` and
+``monte_carlo_kernel_fn`` (in neural-tangents at the package's top level,
+``nt.monte_carlo_kernel_fn``). Argument names and defaults are those of neural-tangents
 0.6.5; ``W_std``, ``b_std``, ``parameterization='ntk' | 'standard'`` and ``s`` enter the
 kernels by neural-tangents' formulas (its values are the test fixtures, see
 ``scripts/make_nt_fixtures.py``). Inputs are ``(N, D)`` for dense networks and
@@ -36,9 +40,11 @@ nets. Kernels are computed in the inputs' float dtype (float32, or float64 when
 
 Not supported (a clear error, never a silent wrong answer): ``parallel``/``FanOut``,
 ``CIRCULAR`` padding, non-default ``batch_axis``/``channel_axis``/``dimension_numbers``,
-masking, dropout, ``LayerNorm``, attention, ``diagonal_batch``/``diagonal_spatial``
-keyword arguments, and kernel outputs other than ``nngp`` and ``ntk``. ``do_stabilize``
-is accepted and has no effect (ReLU kernels are positively homogeneous).
+masking, dropout, ``LayerNorm`` over the batch axis or without the channel axis (instance
+norm: the finite layer runs, its kernel is an error, as in neural-tangents), attention,
+``diagonal_batch``/``diagonal_spatial`` keyword arguments, and kernel outputs other than
+``nngp`` and ``ntk``. ``do_stabilize`` is accepted and has no effect (ReLU kernels are
+positively homogeneous).
 
 How the spatial covariance is represented
 -----------------------------------------
@@ -139,11 +145,17 @@ __all__ = [
     "Dense",
     "Erf",
     "Flatten",
+    "Gelu",
     "GlobalAvgPool",
     "Identity",
+    "LayerNorm",
     "LeakyRelu",
     "Relu",
     "batch",
+    "empirical_kernel_fn",
+    "empirical_nngp_fn",
+    "empirical_ntk_fn",
+    "monte_carlo_kernel_fn",
     "serial",
 ]
 
@@ -1103,6 +1115,111 @@ class _Erf(_Elementwise):
         return self.a**2 * nngp + self.c**2, dot
 
 
+# --------------------------------------------------------------------------- Gelu, LayerNorm
+
+
+class _Gelu(_Elementwise):
+    """``x * Phi(x)``: closed-form kernels of Tsuchida et al. (2020), as neural-tangents.
+
+    With ``P = k11 * k22``, ``P1 = (1 + k11) * (1 + k22)``, ``D = sqrt(P1 - k12**2)``
+    (always positive: no boundary singularity) and ``theta = arctan2(k12, D)``:
+
+    * NNGP ``k12 / 4 + (k12 * theta + (k12**2 + P * D**2) / (P1 * D)) / (2 pi)``;
+    * derivative kernel ``1/4 + theta / (2 pi)
+      + k12 / (2 pi D) * (1 / D**2 + (1 - P) / P1 + 1)``.
+    """
+
+    name = "Gelu"
+
+    def __init__(self, approximate: bool):
+        self.approximate = bool(approximate)
+
+    def fn(self, x):
+        return jax.nn.gelu(x, approximate=self.approximate)
+
+    def cross(self, k12, k11, k22, want_dot, ulps=_BOUNDARY_ULPS):
+        del ulps  # D >= 1: the Gelu kernel has no boundary singularity
+        prod = k11 * k22
+        prod1 = (k11 + 1.0) * (k22 + 1.0)
+        delta2 = prod1 - k12 * k12
+        delta = jnp.sqrt(delta2)
+        angle = _safe_arctan2(k12, delta, 0.0)
+        nngp = ((k12 * k12 + prod * delta2) / (prod1 * delta) + k12 * angle) / (2 * math.pi)
+        nngp = nngp + 0.25 * k12
+        dot = None
+        if want_dot:
+            first = (1.0 / delta2 + (1.0 - prod) / prod1 + 1.0) * k12 / delta / (2 * math.pi)
+            dot = first + 0.25 + angle / (2 * math.pi)
+        return nngp, dot
+
+
+class _LayerNorm(_Elementwise):
+    """Normalisation by the (spatially averaged) variance; Gaussian in, Gaussian out.
+
+    The kernel divides the covariance of pixels ``p`` (of ``x1``) and ``q`` (of ``x2``)
+    by ``sqrt((eps + v1(p)) * (eps + v2(q)))``, where ``v(p)`` is the variance at ``p``,
+    averaged over the spatial axes in ``axis`` (the channel mean subtracted by the finite
+    layer vanishes at infinite width). The NTK is divided by the same factor. The self
+    pass records ``1 / sqrt(eps + v)`` per pixel, which the cross pass reads at ``p`` and
+    ``q`` like a nonlinearity's variances (zero outside the image, where the band
+    covariance is zero too).
+    """
+
+    name = "LayerNorm"
+    gaussian_out = None  # keeps Gaussianity (as neural-tangents' LayerNorm)
+
+    def __init__(self, axis, eps: float):
+        self.axis = (int(axis),) if isinstance(axis, (int, np.integer)) else tuple(
+            int(a) for a in axis)
+        self.eps = float(eps)
+
+    def _spatial_axes(self, ndim: int, where: str = "LayerNorm") -> tuple[int, ...]:
+        """The spatial axes (1 .. ndim-2) normalised over; checks the channel/batch axes."""
+        axes = sorted({a % ndim for a in self.axis})
+        if any(not -ndim <= a < ndim for a in self.axis):
+            raise ValueError(f"{where}: axis={self.axis} is out of range for {ndim}-D inputs.")
+        if ndim - 1 not in axes:
+            raise ValueError(
+                f"{where}: axis={self.axis} does not include the channel axis (-1). The "
+                f"infinite-width kernel needs the normalisation over channels (as in "
+                f"neural-tangents); e.g. LayerNorm(axis=-1) per pixel or "
+                f"LayerNorm(axis=(1, 2, 3)) over NHWC images. (Instance norm, axis=(1, 2), "
+                f"has no infinite-width kernel.)"
+            )
+        if 0 in axes:
+            raise ValueError(
+                f"{where}: axis={self.axis} includes the batch axis 0; kipnb.stax normalises "
+                f"each input on its own. Drop 0 from axis."
+            )
+        return tuple(a for a in axes if a != ndim - 1)
+
+    def need(self, r_out, in_shape, out_shape):
+        self._spatial_axes(len(in_shape))  # a clear error before tracing
+        return r_out
+
+    def apply(self, params, x):
+        axes = tuple(sorted({a % x.ndim for a in self.axis}))
+        mean = jnp.mean(x, axis=axes, keepdims=True)
+        var = jnp.mean((x - mean) ** 2, axis=axes, keepdims=True)
+        return (x - mean) / jnp.sqrt(self.eps + var)
+
+    def kernel(self, k, in_shape, out_shape, dims_out):
+        dims = k.dims
+        if k.nb == 1:
+            cov = k.arrays["cov"]
+            v = _diag(cov, dims)  # (N, P0, P1, ...)
+            spatial = self._spatial_axes(len(in_shape))  # input axis a -> v axis a
+            n = self.eps + v
+            if spatial:
+                n = jnp.broadcast_to(jnp.mean(n, axis=spatial, keepdims=True), v.shape)
+            r = lax.rsqrt(n)
+            k.variances[k.index] = r
+            return dataclasses.replace(k, arrays={"cov": cov * _at_p(r, dims) * _at_q(r, dims)})
+        r1p, r2q = k.variances[k.index]
+        scale = r1p[:, None] * r2q[None]
+        return k.map(lambda x, nb, name: x * scale)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -1321,8 +1438,25 @@ def _single(layer: _Layer):
 def serial(*layers):
     """Combinator composing layers in sequence (``neural_tangents.stax.serial``).
 
-    Each argument is an ``(init_fn, apply_fn, kernel_fn)`` triple made by this module.
-    ``params`` is a list with one entry per argument.
+    The kernels compose: each layer maps its input's NNGP/NTK to its output's, so
+    ``kernel_fn`` of ``serial(A, B)`` is ``B``'s kernel map applied after ``A``'s.
+
+    Args:
+      *layers: ``(init_fn, apply_fn, kernel_fn)`` triples made by this module (layers or
+        other ``serial`` networks).
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)`` of the chain; ``init_fn``'s params are a list
+      with one entry per argument.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> init_fn, apply_fn, kernel_fn = serial(Dense(16), Relu(), Dense(3))
+      >>> out_shape, params = init_fn(jax.random.PRNGKey(0), (5, 4))
+      >>> out_shape, len(params), apply_fn(params, np.ones((5, 4))).shape
+      ((5, 3), 3, (5, 3))
+      >>> kernel_fn(np.ones((5, 4)), np.ones((2, 4)), "ntk").shape
+      (5, 2)
     """
     chain = []
     for i, triple in enumerate(layers):
@@ -1369,12 +1503,38 @@ def serial(*layers):
 
 def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, batch_axis: int = 0,
           channel_axis: int = -1, parameterization: str = "ntk", s=(1, 1)):
-    """Fully-connected layer on ``(N, D)`` inputs (``neural_tangents.stax.Dense``).
+    r"""Fully-connected layer on ``(N, D)`` inputs (``neural_tangents.stax.Dense``).
 
     NTK parameterization: ``y = W_std / sqrt(D) * x @ W + b_std * b`` with standard
     normal ``W, b``; ``'standard'`` draws ``W ~ N(0, W_std**2 / (D / s[0]))``,
-    ``b ~ N(0, b_std**2)`` and the NTK gains ``D / s[0] * nngp_in (+ 1 with a bias)``.
-    ``b_std=None`` means no bias.
+    ``b ~ N(0, b_std**2)``. The kernels (NTK parameterization) are
+
+    .. math::
+
+        \mathcal{K}' = \sigma_w^2 \mathcal{K} + \sigma_b^2, \qquad
+        \Theta' = \mathcal{K}' + \sigma_w^2 \Theta,
+
+    and in the standard parameterization the NTK gains ``D / s[0] * nngp_in`` (``+ 1``
+    with a bias) instead of ``nngp_out``.
+
+    Args:
+      out_dim: output width of the finite layer (the kernels do not depend on it).
+      W_std: weight standard deviation :math:`\sigma_w`.
+      b_std: bias standard deviation :math:`\sigma_b`; ``None`` means no bias.
+      batch_axis: must be ``0``.
+      channel_axis: must be ``-1``.
+      parameterization: ``'ntk'`` or ``'standard'``.
+      s: the ``(s_in, s_out)`` width multipliers of the standard parameterization.
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> _, _, kernel_fn = Dense(1, W_std=2.0, b_std=0.5)
+      >>> k = kernel_fn(np.array([[1.0, 1.0], [1.0, -1.0]]))
+      >>> k.nngp.tolist(), k.ntk.tolist()  # 4 * x1 . x2 / 2 + 0.25; NTK = NNGP (one layer)
+      ([[4.25, 0.25], [0.25, 4.25]], [[4.25, 0.25], [0.25, 4.25]])
     """
     _check_axes("Dense", batch_axis=batch_axis, channel_axis=channel_axis)
     return _single(_Dense(out_dim, W_std, b_std, parameterization, s))
@@ -1383,11 +1543,45 @@ def Dense(out_dim: int, W_std: float = 1.0, b_std: float | None = None, batch_ax
 def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | None = None,
          padding: str = "VALID", W_std: float = 1.0, b_std: float | None = None,
          dimension_numbers=None, parameterization: str = "ntk", s=(1, 1)):
-    """Convolution on channels-last inputs (``neural_tangents.stax.Conv``).
+    r"""Convolution on channels-last inputs (``neural_tangents.stax.Conv``).
 
     ``padding`` is ``'SAME'`` or ``'VALID'``; ``strides=None`` means 1. Weights are
     ``filter_shape + (in_chan, out_chan)`` (HWIO); the NTK-parameterized output is
-    ``W_std / sqrt(in_chan * prod(filter_shape)) * conv(x, W) + b_std * b``.
+    ``W_std / sqrt(in_chan * prod(filter_shape)) * conv(x, W) + b_std * b``. The NNGP
+    between pixels ``p`` and ``q`` averages the input covariance over the filter window
+    shifted along both:
+
+    .. math::
+
+        \mathcal{K}'(p, q) = \frac{\sigma_w^2}{|w|} \sum_{t \in w}
+            \mathcal{K}(s p + t, s q + t) + \sigma_b^2,
+
+    and the NTK follows the same map plus ``nngp_out`` (as :func:`Dense`).
+
+    Args:
+      out_chan: output channels of the finite layer.
+      filter_shape: the window, e.g. ``(3, 3)`` (1-3 spatial dimensions).
+      strides: per spatial dimension; ``None`` means 1.
+      padding: ``'SAME'`` or ``'VALID'``.
+      W_std: weight standard deviation.
+      b_std: bias standard deviation; ``None`` means no bias.
+      dimension_numbers: ``None`` or the channels-last default, e.g.
+        ``('NHWC', 'HWIO', 'NHWC')``.
+      parameterization: ``'ntk'`` or ``'standard'``.
+      s: width multipliers of the standard parameterization.
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> init_fn, apply_fn, kernel_fn = serial(Conv(8, (3, 3), padding="SAME"), Relu(),
+      ...                                       Flatten(), Dense(1))
+      >>> x = np.ones((2, 5, 5, 3))
+      >>> apply_fn(init_fn(jax.random.PRNGKey(0), x.shape)[1], x).shape
+      (2, 1)
+      >>> kernel_fn(x, None, "nngp").shape
+      (2, 2)
     """
     if dimension_numbers is not None:
         spec = _SPECS.get(len(tuple(filter_shape)), "")
@@ -1408,55 +1602,282 @@ def AvgPool(window_shape: Sequence[int], strides: Sequence[int] | None = None,
     ``strides=None`` means stride 1 (as in neural-tangents, not the window). With
     ``normalize_edges=False`` (the default) the window sum is divided by the window size
     also where ``'SAME'`` padding cuts the window; ``True`` divides by the pixels inside.
+    The kernel averages the covariance over window pairs:
+    ``K'(p, q) = mean over t, t' in the window of K(s p + t, s q + t')``.
+
+    Args:
+      window_shape: the window, e.g. ``(2, 2)``.
+      strides: per spatial dimension; ``None`` means 1.
+      padding: ``'SAME'`` or ``'VALID'``.
+      normalize_edges: with ``'SAME'``, divide by the pixels inside the image.
+      batch_axis: must be ``0``.
+      channel_axis: must be ``-1``.
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> init_fn, apply_fn, _ = AvgPool((2, 2), strides=(2, 2))
+      >>> apply_fn((), np.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0].tolist()
+      [[2.5, 4.5], [10.5, 12.5]]
     """
     _check_axes("AvgPool", batch_axis=batch_axis, channel_axis=channel_axis)
     return _single(_AvgPool(window_shape, strides, padding, normalize_edges))
 
 
 def GlobalAvgPool(batch_axis: int = 0, channel_axis: int = -1):
-    """Mean over all spatial positions: ``(N, H, W, C) -> (N, C)``."""
+    """Mean over all spatial positions: ``(N, H, W, C) -> (N, C)``.
+
+    The kernel is the mean of the covariance over all pixel pairs ``(p, q)``.
+
+    Args:
+      batch_axis: must be ``0``.
+      channel_axis: must be ``-1``.
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> _, apply_fn, kernel_fn = serial(Conv(4, (2, 2)), Relu(), GlobalAvgPool(), Dense(1))
+      >>> kernel_fn(np.ones((3, 4, 4, 2)), None, "nngp").shape
+      (3, 3)
+    """
     _check_axes("GlobalAvgPool", batch_axis=batch_axis, channel_axis=channel_axis)
     return _single(_GlobalAvgPool())
 
 
 def Flatten(batch_axis: int = 0, batch_axis_out: int = 0):
-    """``(N, ...) -> (N, prod(...))``; its kernel is the mean over pixels of ``K(p, p)``."""
+    """``(N, ...) -> (N, prod(...))``; its kernel is the mean over pixels of ``K(p, p)``.
+
+    Args:
+      batch_axis: must be ``0``.
+      batch_axis_out: must be ``0``.
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> _, apply_fn, _ = Flatten()
+      >>> apply_fn((), np.zeros((2, 3, 3, 4))).shape
+      (2, 36)
+    """
     _check_axes("Flatten", batch_axis=batch_axis, batch_axis_out=batch_axis_out)
     return _single(_Flatten())
 
 
 def Identity():
-    """The identity layer."""
+    """The identity layer (kernels unchanged).
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> _, apply_fn, _ = Identity()
+      >>> apply_fn((), np.ones((2, 3))).shape
+      (2, 3)
+    """
     return _single(_Identity())
 
 
 def ABRelu(a: float, b: float, do_stabilize: bool = False):
-    """``a * min(x, 0) + b * max(x, 0)``; ``do_stabilize`` is accepted and has no effect."""
+    r"""``a * min(x, 0) + b * max(x, 0)``; ``do_stabilize`` is accepted and has no effect.
+
+    Its kernels are the arc-cosine ones: with the angle
+    :math:`\theta = \arccos(k_{12} / \sqrt{k_{11} k_{22}})`,
+
+    .. math::
+
+        \mathcal{K}' = \frac{(a - b)^2}{2\pi} \big(\sqrt{k_{11} k_{22} - k_{12}^2}
+            - \theta k_{12}\big) + \frac{a^2 + b^2}{2} k_{12}, \qquad
+        \dot{\mathcal{K}} = \frac{a^2 + b^2}{2} - \frac{(a - b)^2}{2\pi} \theta.
+
+    Args:
+      a: slope for negative inputs.
+      b: slope for positive inputs.
+      do_stabilize: accepted for compatibility (the kernels are positively homogeneous).
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> _, apply_fn, _ = ABRelu(-0.5, 2.0)
+      >>> apply_fn((), np.array([[-2.0, 3.0]])).tolist()
+      [[1.0, 6.0]]
+    """
     del do_stabilize
     return _single(_ABRelu(a, b, f"ABRelu({a}, {b})"))
 
 
 def Relu(do_stabilize: bool = False):
-    """ReLU nonlinearity (arc-cosine kernel of degree 1)."""
+    r"""ReLU nonlinearity (arc-cosine kernel of degree 1; :func:`ABRelu` with a=0, b=1).
+
+    .. math::
+
+        \mathcal{K}' = \frac{\sqrt{k_{11} k_{22} - k_{12}^2} + (\pi - \theta) k_{12}}
+            {2\pi}, \qquad \dot{\mathcal{K}} = \frac{\pi - \theta}{2\pi}.
+
+    Args:
+      do_stabilize: accepted for compatibility; no effect.
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> _, _, kernel_fn = serial(Dense(1, W_std=2 ** 0.5), Relu(), Dense(1))
+      >>> x = np.array([[1.0, 0.0], [0.0, 1.0]])  # orthogonal inputs
+      >>> print(np.round(np.asarray(kernel_fn(x, None, "nngp")), 4))  # 1/2 and 1/(2 pi)
+      [[0.5    0.1592]
+       [0.1592 0.5   ]]
+    """
     del do_stabilize
     return _single(_ABRelu(0.0, 1.0, "Relu"))
 
 
 def LeakyRelu(alpha: float, do_stabilize: bool = False):
-    """``alpha * min(x, 0) + max(x, 0)``."""
+    """``alpha * min(x, 0) + max(x, 0)`` (:func:`ABRelu` with a=alpha, b=1).
+
+    Args:
+      alpha: slope for negative inputs.
+      do_stabilize: accepted for compatibility; no effect.
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> LeakyRelu(0.5)[1]((), np.array([[-1.0, 2.0]])).tolist()
+      [[-0.5, 2.0]]
+    """
     del do_stabilize
     return _single(_ABRelu(alpha, 1.0, f"LeakyRelu({alpha})"))
 
 
 def Abs(do_stabilize: bool = False):
-    """Absolute value nonlinearity."""
+    """Absolute value nonlinearity (:func:`ABRelu` with a=-1, b=1).
+
+    Args:
+      do_stabilize: accepted for compatibility; no effect.
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> Abs()[1]((), np.array([[-1.5, 2.0]])).tolist()
+      [[1.5, 2.0]]
+    """
     del do_stabilize
     return _single(_ABRelu(-1.0, 1.0, "Abs"))
 
 
 def Erf(a: float = 1.0, b: float = 1.0, c: float = 0.0):
-    """``a * erf(b * x) + c`` (``neural_tangents.stax.Erf``)."""
+    r"""``a * erf(b * x) + c`` (``neural_tangents.stax.Erf``).
+
+    With :math:`\tilde k = b^2 k`,
+
+    .. math::
+
+        \mathcal{K}' = \frac{2 a^2}{\pi} \arcsin \frac{2 \tilde k_{12}}
+            {\sqrt{(1 + 2 \tilde k_{11})(1 + 2 \tilde k_{22})}} + c^2, \qquad
+        \dot{\mathcal{K}} = \frac{4 a^2 b^2}{\pi}
+            \big((1 + 2 \tilde k_{11})(1 + 2 \tilde k_{22}) - 4 \tilde k_{12}^2\big)^{-1/2}.
+
+    Args:
+      a: output scale.
+      b: input scale.
+      c: output shift.
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> _, _, kernel_fn = serial(Dense(1), Erf(), Dense(1))
+      >>> x = np.array([[1.0, 1.0], [1.0, -1.0]])
+      >>> print(np.round(np.asarray(kernel_fn(x, None, "nngp")), 4))  # (2/pi) asin(2/3), 0
+      [[0.4646 0.    ]
+       [0.     0.4646]]
+    """
     return _single(_Erf(a, b, c))
+
+
+def Gelu(approximate: bool = False):
+    r"""GELU nonlinearity ``x * Phi(x)`` (``neural_tangents.stax.Gelu``).
+
+    Its kernels are closed-form (Tsuchida et al., 2020, "Avoiding kernel fixed points";
+    the NTK as in neural-tangents): with :math:`P = k_{11} k_{22}`,
+    :math:`P_1 = (1 + k_{11})(1 + k_{22})`, :math:`D = \sqrt{P_1 - k_{12}^2}` and
+    :math:`\theta = \arctan(k_{12} / D)`,
+
+    .. math::
+
+        \mathcal{K}' = \frac{k_{12}}{4} + \frac{1}{2\pi}\Big(k_{12}\theta
+            + \frac{k_{12}^2 + P D^2}{P_1 D}\Big), \qquad
+        \dot{\mathcal{K}} = \frac14 + \frac{\theta}{2\pi}
+            + \frac{k_{12}}{2\pi D}\Big(\frac{1}{D^2} + \frac{1 - P}{P_1} + 1\Big).
+
+    Args:
+      approximate: only for the finite network (``apply_fn``): use the ``tanh``
+        approximation of :func:`jax.nn.gelu`. The kernels are those of the exact GELU.
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> _, _, kernel_fn = serial(Dense(8), Gelu(), Dense(1))
+      >>> x = np.array([[2.0, 0.0], [0.0, 2.0]])  # variance 2 each, orthogonal
+      >>> print(np.round(np.asarray(kernel_fn(x, None, "nngp")), 4))
+      [[0.9221 0.2122]
+       [0.2122 0.9221]]
+    """
+    return _single(_Gelu(approximate))
+
+
+def LayerNorm(axis=-1, eps: float = 1e-12, batch_axis: int = 0, channel_axis: int = -1):
+    r"""Layer normalisation (``neural_tangents.stax.LayerNorm``).
+
+    The finite layer computes ``(x - mean) / sqrt(eps + var)`` over ``axis``. Its
+    infinite-width kernels normalise the covariance: for pixels ``p`` of ``x1`` and
+    ``q`` of ``x2``,
+
+    .. math::
+
+        \mathcal{K}'(p, q) = \frac{\mathcal{K}(p, q)}
+            {\sqrt{(\epsilon + \bar v_1(p)) (\epsilon + \bar v_2(q))}},
+
+    with :math:`\bar v(p)` the variance :math:`\mathcal{K}(p, p)` averaged over the spatial
+    axes in ``axis`` (``axis=-1``: per pixel; ``axis=(1, 2, 3)`` on NHWC images: over the
+    whole image). The NTK is divided by the same factor. As in neural-tangents the input
+    must be Gaussian (come from ``Dense``/``Conv``, possibly pooled), ``axis`` must include
+    the channel axis, and the output stays Gaussian (a nonlinearity may follow).
+
+    Args:
+      axis: the axis or axes normalised over; must contain ``-1`` (channels) and not ``0``.
+      eps: added to the variance (avoids division by zero).
+      batch_axis: must be ``0`` (batch-first inputs).
+      channel_axis: must be ``-1`` (channels-last inputs).
+
+    Returns:
+      ``(init_fn, apply_fn, kernel_fn)``.
+
+    Example:
+      >>> import numpy as np
+      >>> _, _, kernel_fn = serial(Dense(8), LayerNorm(), Dense(1))
+      >>> x = np.array([[3.0, 0.0], [1.0, 1.0]])
+      >>> print(np.round(np.asarray(kernel_fn(x, None, "nngp")), 4))  # cosine similarity
+      [[1.     0.7071]
+       [0.7071 1.    ]]
+    """
+    _check_axes("LayerNorm", batch_axis=batch_axis, channel_axis=channel_axis)
+    layer = _LayerNorm(axis, eps)
+    return _single(layer)
 
 
 # --------------------------------------------------------------------------- batching
@@ -1523,3 +1944,394 @@ def batch(kernel_fn: Callable, batch_size: int = 0, device_count: int = -1,
 
     return blocked
 
+
+
+# --------------------------------------------------------------------------- empirical kernels
+#
+# Finite-network kernels with the API of neural_tangents.empirical_*_fn and
+# neural_tangents.monte_carlo_kernel_fn (in neural-tangents these live at the package's top
+# level, ``nt.empirical_ntk_fn``; kipnb keeps them in ``kipnb.stax``).
+
+_NTK_IMPLEMENTATIONS = (0, 1, 2, 3)  # neural_tangents.NtkImplementation values
+
+
+def _canonical_axes(axes, ndim: int, what: str) -> tuple[int, ...]:
+    axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    out = []
+    for a in axes:
+        if not -ndim <= int(a) < ndim:
+            raise ValueError(f"{what}={axes} is out of range for {ndim}-D outputs f(x).")
+        out.append(int(a) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what}={axes} names an axis twice.")
+    return tuple(sorted(out))
+
+
+def _pair_subscripts(ndim: int, trace_axes, diagonal_axes):
+    """einsum subscripts ``(a, b, out)`` for the kernel of two outputs of ``ndim`` axes.
+
+    The layout is neural-tangents': for each output axis in order, a traced axis is
+    summed (and absent), a diagonal axis appears once, any other axis twice (x1's, x2's).
+    """
+    trace = _canonical_axes(trace_axes, ndim, "trace_axes")
+    diag = _canonical_axes(diagonal_axes, ndim, "diagonal_axes")
+    if set(trace) & set(diag):
+        raise ValueError(f"trace_axes={tuple(trace_axes)} and diagonal_axes="
+                         f"{tuple(diagonal_axes)} share an axis; an axis is either traced "
+                         f"or kept diagonal.")
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    a, b, out = [], [], []
+    for i in range(ndim):
+        la = next(letters)
+        if i in trace or i in diag:
+            a.append(la)
+            b.append(la)
+            if i in diag:
+                out.append(la)
+        else:
+            lb = next(letters)
+            a.append(la)
+            b.append(lb)
+            out += [la, lb]
+    return "".join(a), "".join(b), "".join(out), trace, letters
+
+
+def _trace_size(shape, trace) -> int:
+    return math.prod(shape[i] for i in trace)
+
+
+def _check_pair_shapes(f1, f2, trace, diag):
+    if f1.ndim != f2.ndim or any(f1.shape[i] != f2.shape[i] for i in (*trace, *diag)):
+        raise ValueError(
+            f"f(x1) of shape {f1.shape} and f(x2) of shape {f2.shape} must have the same "
+            f"number of axes and agree on trace_axes {trace} and diagonal_axes {diag}.")
+
+
+def _split_kwargs(kwargs: dict, x1, x2):
+    """neural-tangents' ``split_kwargs``: ``rng`` gets a second key for ``x2`` (the same
+    key when ``x2`` is ``x1``), a pair ``(v1, v2)`` is split, anything else is shared."""
+    k1, k2 = {}, {}
+    for name, v in kwargs.items():
+        if name == "rng" and x2 is not None and v is not None:
+            k1[name] = v
+            if x1 is x2:
+                k2[name] = v
+            elif jnp.shape(x1) != jnp.shape(x2):
+                k2[name] = jax.random.fold_in(v, 1)
+            else:  # traceable: the same key exactly when x2 equals x1
+                same = jnp.all(jnp.asarray(x1) == jnp.asarray(x2))
+                k2[name] = jnp.where(same, v, jax.random.fold_in(v, 1))
+        elif isinstance(v, tuple) and len(v) == 2:
+            k1[name], k2[name] = v
+        else:
+            k1[name] = k2[name] = v
+    return k1, k2
+
+
+def _check_ntk_options(vmap_axes, implementation):
+    del vmap_axes  # a speed hint in neural-tangents; every value gives the same kernel here
+    impl = int(implementation)
+    if impl not in _NTK_IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation={implementation!r} is not a neural_tangents.NtkImplementation "
+            f"(0 AUTO, 1 JACOBIAN_CONTRACTION, 2 NTK_VECTOR_PRODUCTS, 3 "
+            f"STRUCTURED_DERIVATIVES). kipnb computes every one by Jacobian contraction.")
+
+
+def empirical_nngp_fn(f: Callable, trace_axes=(-1,), diagonal_axes=()) -> Callable:
+    r"""The NNGP of one finite network: output covariance (``nt.empirical_nngp_fn``).
+
+    .. math:: \hat{\mathcal K}(x_1, x_2) = \frac{1}{|T|} \sum_{t \in T} f(x_1)_t f(x_2)_t
+
+    summed over the ``trace_axes`` ``T`` (by default the logits/channels) and divided by
+    their size, so the width-averaged output covariance converges to the infinite-width
+    NNGP. The kernel's axes are neural-tangents': per output axis in order, a traced axis
+    is absent, a ``diagonal_axes`` axis appears once, any other twice (``x1``'s, ``x2``'s),
+    e.g. ``(N1, N2)`` for ``(N, C)`` outputs and ``trace_axes=(-1,)``. Outputs may be
+    pytrees (each leaf gets its own kernel).
+
+    Args:
+      f: ``f(params, x, **kwargs)``, e.g. a stax ``apply_fn``.
+      trace_axes: output axes summed over (divided by their size).
+      diagonal_axes: output axes of which only the diagonal is kept.
+
+    Returns:
+      ``nngp_fn(x1, x2, params, **apply_fn_kwargs)``; ``x2=None`` means ``x2 = x1``.
+      Keywords go to ``f`` as in neural-tangents (``rng`` is split for ``x2``, a pair
+      ``(v1, v2)`` goes to ``x1`` and ``x2``).
+
+    Example:
+      >>> import jax, numpy as np
+      >>> init_fn, apply_fn, _ = serial(Dense(2048, W_std=1.5), Relu(), Dense(2048))
+      >>> _, params = init_fn(jax.random.PRNGKey(0), (2, 3))
+      >>> x = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> k = empirical_nngp_fn(apply_fn)(x, None, params)
+      >>> k.shape
+      (2, 2)
+      >>> bool(np.allclose(k, serial(Dense(1, W_std=1.5), Relu(), Dense(1))[2](x, None, "nngp"),
+      ...                  atol=0.05))
+      True
+    """
+
+    def nngp_fn(x1, x2, params, **apply_fn_kwargs):
+        kw1, kw2 = _split_kwargs(apply_fn_kwargs, x1, x2)
+        out1 = f(params, x1, **kw1)
+        out2 = out1 if x2 is None else f(params, x2, **kw2)
+
+        def contract(a, b):
+            sa, sb, so, trace, _ = _pair_subscripts(a.ndim, trace_axes, diagonal_axes)
+            _check_pair_shapes(a, b, trace, _canonical_axes(diagonal_axes, a.ndim, "d"))
+            dot = jnp.einsum(f"{sa},{sb}->{so}", a, b, precision=HIGHEST)
+            return dot / _trace_size(a.shape, trace)
+
+        return jax.tree_util.tree_map(contract, out1, out2)
+
+    return nngp_fn
+
+
+def empirical_ntk_fn(f: Callable, trace_axes=(-1,), diagonal_axes=(), vmap_axes=None,
+                     implementation=1, _j_rules: bool = True, _s_rules: bool = True,
+                     _fwd=None) -> Callable:
+    r"""The NTK of one finite network (``nt.empirical_ntk_fn``).
+
+    .. math:: \hat\Theta(x_1, x_2) = \frac{1}{|T|} \sum_{t \in T} \sum_{\theta}
+        \frac{\partial f(x_1)_t}{\partial\theta} \frac{\partial f(x_2)_t}{\partial\theta}
+
+    over all parameter leaves ``theta``, with the axes and ``trace_axes`` /
+    ``diagonal_axes`` of :func:`empirical_nngp_fn`. Computed by instantiating the
+    Jacobians (neural-tangents' ``implementation=1``), which is memory-hungry for wide
+    networks: batch the inputs (``batch``-style blocks) when ``N * outputs * params``
+    is large.
+
+    Args:
+      f: ``f(params, x, **kwargs)``.
+      trace_axes: output axes summed over (divided by their size).
+      diagonal_axes: output axes of which only the diagonal is kept.
+      vmap_axes: accepted for compatibility (a speed hint in neural-tangents).
+      implementation: any ``neural_tangents.NtkImplementation`` value (0-3); all give the
+        same kernel, computed here by Jacobian contraction.
+      _j_rules: accepted for compatibility; no effect.
+      _s_rules: accepted for compatibility; no effect.
+      _fwd: accepted for compatibility; no effect.
+
+    Returns:
+      ``ntk_fn(x1, x2, params, **apply_fn_kwargs)``; ``x2=None`` means ``x2 = x1``.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> init_fn, apply_fn, kernel_fn = serial(Dense(2048), Relu(), Dense(1))
+      >>> _, params = init_fn(jax.random.PRNGKey(0), (2, 3))
+      >>> x = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0]])
+      >>> ntk = empirical_ntk_fn(apply_fn)(x, None, params)
+      >>> bool(np.allclose(ntk, kernel_fn(x, None, "ntk"), atol=0.05))
+      True
+    """
+    del _j_rules, _s_rules, _fwd
+    _check_ntk_options(vmap_axes, implementation)
+
+    def ntk_fn(x1, x2, params, **apply_fn_kwargs):
+        kw1, kw2 = _split_kwargs(apply_fn_kwargs, x1, x2)
+
+        def jac(x, kw):
+            out = f(params, x, **kw)
+            return out, jax.jacrev(lambda p: f(p, x, **kw))(params)
+
+        out1, j1 = jac(x1, kw1)
+        out2, j2 = (out1, j1) if x2 is None else jac(x2, kw2)
+
+        def contract(o1, o2, ja, jb):
+            sa, sb, so, trace, letters = _pair_subscripts(o1.ndim, trace_axes, diagonal_axes)
+            _check_pair_shapes(o1, o2, trace, _canonical_axes(diagonal_axes, o1.ndim, "d"))
+            p = next(letters)
+            total = 0.0
+            for la, lb in zip(jax.tree_util.tree_leaves(ja), jax.tree_util.tree_leaves(jb),
+                              strict=True):
+                la = la.reshape(*o1.shape, -1)
+                lb = lb.reshape(*o2.shape, -1)
+                total = total + jnp.einsum(f"{sa}{p},{sb}{p}->{so}", la, lb, precision=HIGHEST)
+            return total / _trace_size(o1.shape, trace)
+
+        # Jacobians are pytrees (output structure) of pytrees (params structure).
+        outs1, tree = jax.tree_util.tree_flatten(out1)
+        outs2 = jax.tree_util.tree_leaves(out2)
+        if tree.num_leaves == 1:
+            return contract(outs1[0], outs2[0], j1, j2)
+        js1 = tree.flatten_up_to(j1)
+        js2 = tree.flatten_up_to(j2)
+        return tree.unflatten([contract(*a) for a in zip(outs1, outs2, js1, js2, strict=True)])
+
+    return ntk_fn
+
+
+def empirical_kernel_fn(f: Callable, trace_axes=(-1,), diagonal_axes=(), vmap_axes=None,
+                        implementation=1, _j_rules: bool = True, _s_rules: bool = True,
+                        _fwd=None) -> Callable:
+    """NNGP and/or NTK of one finite network (``nt.empirical_kernel_fn``).
+
+    Args:
+      f: ``f(params, x, **kwargs)``.
+      trace_axes: output axes summed over (divided by their size).
+      diagonal_axes: output axes of which only the diagonal is kept.
+      vmap_axes: see :func:`empirical_ntk_fn`.
+      implementation: see :func:`empirical_ntk_fn`.
+      _j_rules: accepted for compatibility; no effect.
+      _s_rules: accepted for compatibility; no effect.
+      _fwd: accepted for compatibility; no effect.
+
+    Returns:
+      ``kernel_fn(x1, x2, get, params, **apply_fn_kwargs)``: ``get`` is ``'nngp'``,
+      ``'ntk'`` (an array), a tuple of them (a namedtuple in that order) or ``None``
+      (a namedtuple of both), as for the infinite-width ``kernel_fn``.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> init_fn, apply_fn, _ = serial(Dense(16), Relu(), Dense(3))
+      >>> _, params = init_fn(jax.random.PRNGKey(0), (4, 5))
+      >>> x = np.ones((4, 5))
+      >>> k = empirical_kernel_fn(apply_fn)(x, None, None, params)
+      >>> k.nngp.shape, k.ntk.shape
+      ((4, 4), (4, 4))
+      >>> empirical_kernel_fn(apply_fn, trace_axes=())(x, x[:2], "ntk", params).shape
+      (4, 2, 3, 3)
+    """
+    fns = {"nngp": empirical_nngp_fn(f, trace_axes, diagonal_axes),
+           "ntk": empirical_ntk_fn(f, trace_axes, diagonal_axes, vmap_axes, implementation)}
+
+    def kernel_fn(x1, x2, get, params, **apply_fn_kwargs):
+        fields, single = _canonical_get(get)
+        out = [fns[g](x1, x2, params, **apply_fn_kwargs) for g in fields]
+        if single:
+            return out[0]
+        return _kernel_type(fields)(*out)
+
+    return kernel_fn
+
+
+def monte_carlo_kernel_fn(init_fn: Callable, apply_fn: Callable, key, n_samples,
+                          batch_size: int = 0, device_count: int = -1,
+                          store_on_device: bool = True, trace_axes=(-1,), diagonal_axes=(),
+                          vmap_axes=None, implementation=1, _j_rules: bool = True,
+                          _s_rules: bool = True, _fwd=None) -> Callable:
+    r"""Monte Carlo NNGP/NTK: the mean of empirical kernels of random finite networks
+    (``nt.monte_carlo_kernel_fn``).
+
+    Each sample draws fresh parameters with ``init_fn`` and computes
+    :func:`empirical_kernel_fn`; the estimate is their average. For ``stax`` networks it
+    converges to ``kernel_fn``'s exact kernels as the samples and the width grow: the
+    NNGP's error falls like ``1 / sqrt(n_samples * width)`` (the readout's ``C`` outputs
+    traced over count as ``C`` samples), plus an ``O(1 / width)`` bias for deep nets.
+    The keys follow neural-tangents: ``key, k = split(key)`` per sample, then
+    ``init_key, rng = split(k)``; ``apply_fn`` gets ``rng=`` (kipnb's layers ignore it).
+
+    Args:
+      init_fn: ``init_fn(key, input_shape) -> (output_shape, params)``.
+      apply_fn: ``apply_fn(params, x, rng=..., **kwargs)``.
+      key: a ``jax.random.PRNGKey``.
+      n_samples: the number of networks, or an iterable of counts: then ``kernel_fn``
+        returns a generator yielding the estimate after each count (sorted, ascending).
+      batch_size: compute the kernel in blocks of at most this many rows of ``x1`` and
+        ``x2`` (0: at once); unlike neural-tangents the sizes need not divide.
+      device_count: accepted for compatibility; the blocks run on JAX's default device.
+      store_on_device: accepted for compatibility; no effect.
+      trace_axes: see :func:`empirical_nngp_fn`.
+      diagonal_axes: see :func:`empirical_nngp_fn`; with ``batch_size`` it must not
+        contain the batch axis 0.
+      vmap_axes: see :func:`empirical_ntk_fn`.
+      implementation: see :func:`empirical_ntk_fn`.
+      _j_rules: accepted for compatibility; no effect.
+      _s_rules: accepted for compatibility; no effect.
+      _fwd: accepted for compatibility; no effect.
+
+    Returns:
+      ``kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs)`` with the ``get`` forms of the
+      infinite-width ``kernel_fn``.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> init_fn, apply_fn, kernel_fn = serial(Dense(512, W_std=1.5), Relu(), Dense(8))
+      >>> mc = monte_carlo_kernel_fn(init_fn, apply_fn, jax.random.PRNGKey(0), 32)
+      >>> x = np.array([[1.0, 0.0], [0.6, 0.8]])
+      >>> bool(np.allclose(mc(x, None, "nngp"), kernel_fn(x, None, "nngp"), atol=0.05))
+      True
+    """
+    del device_count, store_on_device, _j_rules, _s_rules, _fwd
+    counts = _canonical_n_samples(n_samples)
+    generator = not isinstance(n_samples, (int, np.integer))
+    batch_size = int(batch_size)
+    if batch_size < 0:
+        raise ValueError(f"batch_size={batch_size} must be a positive number of rows "
+                         f"(or 0 for no batching).")
+    _check_ntk_options(vmap_axes, implementation)
+    trace_axes = (trace_axes,) if isinstance(trace_axes, (int, np.integer)) else tuple(
+        trace_axes)
+    diagonal_axes = (diagonal_axes,) if isinstance(diagonal_axes, (int, np.integer)) else tuple(
+        diagonal_axes)
+
+    def one(x1, x2, k, fields, kwargs):
+        return _mc_sample(x1, x2, k, kwargs, init_fn=init_fn, apply_fn=apply_fn,
+                          fields=fields, trace_axes=trace_axes, diagonal_axes=diagonal_axes)
+
+    def sample(x1, x2, k, fields, kwargs):
+        if not batch_size or (x1.shape[0] <= batch_size
+                              and (x2 is None or x2.shape[0] <= batch_size)):
+            return one(x1, x2, k, fields, kwargs)
+        if 0 in _canonical_axes(diagonal_axes, 2, "diagonal_axes"):
+            raise ValueError("monte_carlo_kernel_fn(batch_size=...) cannot split the batch "
+                             "axis when diagonal_axes contains 0; use batch_size=0.")
+        xb = x1 if x2 is None else x2
+        rows = []
+        for i in range(0, x1.shape[0], batch_size):
+            a = x1[i:i + batch_size]
+            cols = [one(a, xb[j:j + batch_size], k, fields, kwargs)
+                    for j in range(0, xb.shape[0], batch_size)]
+            rows.append([jnp.concatenate(c, axis=1) for c in zip(*cols, strict=True)])
+        return tuple(jnp.concatenate(r, axis=0) for r in zip(*rows, strict=True))
+
+    def estimates(x1, x2, get, kwargs):
+        fields, single = _canonical_get(get)
+        x1 = jnp.asarray(x1)
+        x2 = None if x2 is None else jnp.asarray(x2)
+        total, k = None, key
+        for n in range(1, counts[-1] + 1):
+            k, sub = jax.random.split(k)
+            s = sample(x1, x2, sub, fields, kwargs)
+            total = s if total is None else tuple(a + b for a, b in zip(total, s, strict=True))
+            if n in counts:
+                mean = tuple(t / n for t in total)
+                yield mean[0] if single else _kernel_type(fields)(*mean)
+
+    def kernel_fn(x1, x2=None, get=None, **apply_fn_kwargs):
+        gen = estimates(x1, x2, get, apply_fn_kwargs)
+        if generator:
+            return gen
+        return next(gen)
+
+    return kernel_fn
+
+
+@functools.partial(jax.jit, static_argnames=("init_fn", "apply_fn", "fields", "trace_axes",
+                                             "diagonal_axes"))
+def _mc_sample(x1, x2, k, kwargs, *, init_fn, apply_fn, fields, trace_axes, diagonal_axes):
+    """One Monte Carlo sample; compiled once per network (``init_fn``/``apply_fn`` objects),
+    options and shapes, so new keys (e.g. a fresh ``monte_carlo_kernel_fn`` per step, as
+    random-feature KIP does) do not compile again."""
+    init_key, rng = jax.random.split(k)
+    _, params = init_fn(init_key, x1.shape)
+    empirical = empirical_kernel_fn(apply_fn, trace_axes, diagonal_axes)
+    return tuple(empirical(x1, x2, fields, params, rng=rng, **kwargs))
+
+
+def _canonical_n_samples(n_samples) -> list[int]:
+    if isinstance(n_samples, (int, np.integer)):
+        values = [int(n_samples)]
+    elif hasattr(n_samples, "__iter__") and not isinstance(n_samples, str):
+        values = list(n_samples)
+        if not all(isinstance(n, (int, np.integer)) for n in values):
+            raise ValueError(f"n_samples={n_samples!r} must contain only integers.")
+        values = [int(n) for n in values]
+    else:
+        raise TypeError(f"n_samples must be an integer or an iterable of integers, got "
+                        f"{type(n_samples).__name__}.")
+    if not values or any(n <= 0 for n in values):
+        raise ValueError(f"n_samples={n_samples!r} must be positive integers.")
+    return sorted(set(values))
