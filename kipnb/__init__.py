@@ -10,7 +10,8 @@ The public API, in the order of the method ladder (each a module, imported on fi
 * finite networks: ``nets``, ``train`` (KIP's transfer trainer), ``augment`` (DSA),
   ``experts`` (expert trajectories, MTT's evaluation trainer), ``tm`` (MTT, DATM)
 * ``evaluate``: ``krr(ds, data)``, ``network(ds, data)`` -- any set, any evaluator
-* infrastructure: ``checkpoint``, ``shard``, ``run``, ``viz``, ``results``, ``colab``
+* infrastructure: ``checkpoint``, ``shard``, ``run``, ``repro`` (the reproduction
+  suite), ``viz``, ``results``, ``colab``
 """
 
 import importlib
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 MODULES = (
     "data", "preprocess", "distilled", "stax", "archs", "krr", "label_solve", "kip",
     "sampling", "nets", "train", "augment", "experts", "tm", "evaluate", "checkpoint",
-    "shard", "run", "viz", "results", "colab",
+    "shard", "run", "repro", "viz", "results", "colab",
 )
 
 __all__ = ["DistilledSet", "__version__", *MODULES]

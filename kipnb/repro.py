@@ -605,7 +605,7 @@ def load_sets(directories: Sequence[str | os.PathLike] | str | os.PathLike,
     Files under ``checkpoints/`` or ``experts/`` are not looked at; an ``.npz`` that is
     not a distilled set is listed in ``skipped`` with the reason (never silently).
     Labels that two files share (``ls_fc`` of notebooks 02 and 04) get the file's
-    directory appended, ``ls_fc [04_kip_convnet_and_transfer]``.
+    directory (relative to the scanned one) appended, ``ls_fc [04_kip_convnet_and_transfer]``.
 
     Args:
         directories: one directory or several.
@@ -639,13 +639,15 @@ def load_sets(directories: Sequence[str | os.PathLike] | str | os.PathLike,
                 continue
             ipc = (ds.source or {}).get("ipc") or len(ds.images) // ds.num_classes
             found.append({"label": set_label(ds, path), "ipc": int(ipc), "path": str(path),
-                          "set": ds})
+                          "set": ds, "where": path.parent.relative_to(root).as_posix()})
     counts = {}
     for f in found:
         counts[(f["label"], f["ipc"])] = counts.get((f["label"], f["ipc"]), 0) + 1
     for f in found:
         if counts[(f["label"], f["ipc"])] > 1:
-            f["label"] = f"{f['label']} [{Path(f['path']).parent.name}]"
+            f["label"] = f"{f['label']} [{f.pop('where')}]"
+        else:
+            f.pop("where")
     found.sort(key=lambda f: (f["label"], f["ipc"]))
     return found, skipped
 

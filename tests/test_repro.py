@@ -243,3 +243,37 @@ def test_readme_agrees_with_results():
     assert set(results) <= set(blocks), f"README lacks <!-- repro:NAME --> blocks for {results}"
     stale = repro.update_readme(ROOT / "README.md", repro.RESULTS_DIR, check=True)
     assert not stale, f"README differs from results/ for {stale}: run python -m kipnb.repro readme"
+
+
+def test_load_sets_judge_all_and_table(tmp_path):
+    import numpy as np
+
+    from kipnb import DistilledSet, kip, label_solve
+
+    d = kip.prepare("digits")
+    for k, (sub, ipc) in enumerate((("a", 1), ("b", 1), ("a", 2))):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        label_solve.solve(d, ipc, seed=k, n_targets=300).save(tmp_path / sub / f"ls_fc_ipc{ipc}.npz")
+    idx = np.arange(10) * 3
+    DistilledSet(d.x_train[idx], d.labels_train[idx], "class", 10, transform=d.transform,
+                 source={"ipc": 1}).save(tmp_path / "a" / "random_ipc1.npz")
+    np.savez(tmp_path / "a" / "not_a_set.npz", x=np.zeros(3))
+    (tmp_path / "a" / "experts").mkdir()
+    np.savez(tmp_path / "a" / "experts" / "expert_000.npz", x=np.zeros(3))  # never looked at
+    sets, skipped = repro.load_sets(tmp_path)
+    assert [(s["label"], s["ipc"]) for s in sets] == [
+        ("ls_fc", 2), ("ls_fc [a]", 1), ("ls_fc [b]", 1), ("random", 1)]
+    assert [Path(s["path"]).name for s in skipped] == ["not_a_set.npz"]
+    assert "meta" in skipped[0]["why"] or skipped[0]["why"]
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        repro.load_sets(tmp_path / "nope")
+    evs = [e for e in repro.default_evaluators(n_test=200) if e["name"] == "krr_fc"]
+    recs = repro.judge_all(sets, d, evs, log=None)
+    by = {(r["set"], r["ipc"]): r for r in recs}
+    assert by[("ls_fc [a]", 1)]["mean"] > by[("random", 1)]["mean"] > 0.3  # chance: 0.1
+    table = repro.compare_table(recs)
+    assert table.splitlines()[0] == "| images/class | set | krr_fc |"
+    top = max((r for r in recs if r["ipc"] == 1), key=lambda r: r["mean"])
+    assert f"| 1 | {top['set']} | **{100 * top['mean']:.1f}** |" in table
+    assert table.count("**") == 2 * 2  # one best cell per ipc
+    assert len(table.splitlines()) == 2 + 4
