@@ -49,7 +49,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -230,7 +229,8 @@ def _parse_row(path, i, d) -> Row:
             raise _err(path, where, "an unverified published figure says 'why'")
     return Row(
         name=str(d["name"]), metric=str(d["metric"]), hardware=d["hardware"],
-        notebook=d.get("notebook"), script=[str(a) for a in d["script"]] if d.get("script") else None,
+        notebook=d.get("notebook"),
+        script=[str(a) for a in d["script"]] if d.get("script") else None,
         parameters=dict(d.get("parameters") or {}), scale=float(d.get("scale", 1.0)),
         seeds=list(seeds), seed_parameter=str(d.get("seed_parameter", "SEED")),
         published=dict(pub) if pub else None, minutes=d.get("minutes"), note=d.get("note"),
@@ -464,8 +464,7 @@ def run_spec(
         "title": spec.title,
         "description": spec.description,
         "updated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "rows": [out_rows.get(r.name) or previous.get(r.name) or _row_record(r, [], 0.0, False,
-                                                                             None, None)
+        "rows": [out_rows.get(r.name) or _refreshed(r, previous.get(r.name))
                  for r in spec.rows],
     }
     from kipnb.results import write_json
@@ -477,6 +476,20 @@ def run_spec(
     if failures:
         raise RuntimeError("; ".join(failures))
     return doc
+
+
+def _refreshed(row: Row, old: dict | None) -> dict:
+    """A row not run this time: its earlier result if still the same experiment, with the
+    spec's current published figure and notes; else a 'not yet run' record."""
+    fresh = _row_record(row, [], 0.0, False, None, None)
+    same = old and all(old.get(k) == fresh[k] for k in ("notebook", "script", "parameters",
+                                                          "metric", "seeds"))
+    if not same:
+        return fresh
+    return {**old, **{k: fresh[k] for k in ("published", "hardware", "minutes_estimated",
+                                             "note")},
+            "gap": (old["mean"] - row.published["value"]
+                    if row.published and old.get("mean") is not None else None)}
 
 
 def _row_record(row: Row, values, seconds, reused, error, env, inner_std=None) -> dict:
@@ -535,7 +548,8 @@ def render_markdown(doc: Mapping) -> str:
         if pub:
             marks = ("" if pub["comparable"] else "†") + ("" if pub["verified"] else "?")
             src = pub["source"]
-            published = f"{_fmt(pub['value'])}{marks} ({src['paper']}, {src['table']}, {src['network']})"
+            published = (f"{_fmt(pub['value'])}{marks} "
+                         f"({src['paper']}, {src['table']}, {src['network']})")
         else:
             published = "–"
         env = r.get("environment") or {}
@@ -738,7 +752,7 @@ def compare_table(records: Sequence[Mapping], evaluators: Sequence[str] | None =
     cells = {(r["set"], r["ipc"], r["evaluator"]): r for r in records}
     keys = sorted({(r["ipc"], r["set"]) for r in records})
     best = {}
-    for (s, ipc, ev), r in cells.items():
+    for (_, ipc, ev), r in cells.items():
         best[(ipc, ev)] = max(best.get((ipc, ev), -1.0), r["mean"])
     lines = ["| images/class | set | " + " | ".join(evs) + " |",
              "|---|---|" + "---|" * len(evs)]

@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=None, help="seconds per cell")
     ap.add_argument("--list", action="store_true", help="list notebooks and parameters")
     ap.add_argument("--repro", nargs="+", metavar="SPEC",
-                    help="run reproduction specs (repro/NAME.yaml, a name, or 'all'); see kipnb.repro")
+                    help="reproduction specs (repro/NAME.yaml, a name, 'all'); see kipnb.repro")
     ap.add_argument("--rows", nargs="+", default=[], help="with --repro: only these rows")
     ap.add_argument("--profile", choices=("cpu", "accelerator"), default="cpu",
                     help="with --repro: the rows of this hardware class (default cpu)")
@@ -346,10 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.repro:
         from kipnb import repro
 
+        nd_repro = Path(args.notebook_dir) if args.notebook_dir else None
         try:
             return repro.run_cli(args.repro, args.rows, args.profile,
                                  args.output or "build/repro", keep_going=args.keep_going,
-                                 notebook_dir=Path(args.notebook_dir) if args.notebook_dir else None,
+                                 notebook_dir=nd_repro,
                                  timeout=args.timeout)
         except repro.SpecError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -251,18 +251,20 @@ def test_load_sets_judge_all_and_table(tmp_path):
     from kipnb import DistilledSet, kip, label_solve
 
     d = kip.prepare("digits")
-    for k, (sub, ipc) in enumerate((("a", 1), ("b", 1), ("a", 2))):
-        (tmp_path / sub).mkdir(exist_ok=True)
-        label_solve.solve(d, ipc, seed=k, n_targets=300).save(tmp_path / sub / f"ls_fc_ipc{ipc}.npz")
-    idx = np.arange(10) * 3
-    DistilledSet(d.x_train[idx], d.labels_train[idx], "class", 10, transform=d.transform,
-                 source={"ipc": 1}).save(tmp_path / "a" / "random_ipc1.npz")
+    ls = label_solve.solve(d, 1, seed=0, n_targets=300)
+    for sub in ("a", "b"):  # the same label twice: told apart by directory
+        (tmp_path / sub).mkdir()
+        ls.save(tmp_path / sub / "ls_fc_ipc1.npz")
+    for ipc in (1, 2):
+        idx = np.concatenate([np.flatnonzero(d.labels_train == c)[:ipc] for c in range(10)])
+        DistilledSet(d.x_train[idx], d.labels_train[idx], "class", 10, transform=d.transform,
+                     source={"ipc": ipc}).save(tmp_path / "a" / f"random_ipc{ipc}.npz")
     np.savez(tmp_path / "a" / "not_a_set.npz", x=np.zeros(3))
     (tmp_path / "a" / "experts").mkdir()
     np.savez(tmp_path / "a" / "experts" / "expert_000.npz", x=np.zeros(3))  # never looked at
     sets, skipped = repro.load_sets(tmp_path)
     assert [(s["label"], s["ipc"]) for s in sets] == [
-        ("ls_fc", 2), ("ls_fc [a]", 1), ("ls_fc [b]", 1), ("random", 1)]
+        ("ls_fc [a]", 1), ("ls_fc [b]", 1), ("random", 1), ("random", 2)]
     assert [Path(s["path"]).name for s in skipped] == ["not_a_set.npz"]
     assert "meta" in skipped[0]["why"] or skipped[0]["why"]
     with pytest.raises(FileNotFoundError, match="no such directory"):
@@ -275,5 +277,5 @@ def test_load_sets_judge_all_and_table(tmp_path):
     assert table.splitlines()[0] == "| images/class | set | krr_fc |"
     top = max((r for r in recs if r["ipc"] == 1), key=lambda r: r["mean"])
     assert f"| 1 | {top['set']} | **{100 * top['mean']:.1f}** |" in table
-    assert table.count("**") == 2 * 2  # one best cell per ipc
+    assert table.count("**") == 2 * 3  # the best cell per ipc (a tie at 1: both)
     assert len(table.splitlines()) == 2 + 4
