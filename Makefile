@@ -16,10 +16,18 @@ export MALLOC_TRIM_THRESHOLD_ = 2147483647
 # working directory) on every editable install, even under -q; it asks nothing of a user.
 QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
 
-.PHONY: run test setup data lint lab bench clean pin student grade
+.PHONY: run test setup data lint lab bench clean pin student grade repro repro-readme
 
 run: $(STAMP) data          ## execute every notebook on Fashion-MNIST into $(OUT)
 	$(BIN)/python -m kipnb.run --output $(OUT)
+
+REPRO_OUT ?= build/repro
+repro: $(STAMP) data        ## every cpu row of every repro/ spec (about 2 h on 2 cores; reruns reuse) -> results/
+	MPLBACKEND=agg $(BIN)/python -m kipnb.run --repro all --profile cpu -o $(REPRO_OUT) --keep-going
+	$(BIN)/python -m kipnb.repro readme
+
+repro-readme: $(STAMP)      ## rewrite README's generated result tables from results/
+	$(BIN)/python -m kipnb.repro readme
 
 test: $(STAMP)              ## the whole suite, notebooks included
 	MPLBACKEND=agg $(BIN)/python -m pytest tests -q --durations=10

@@ -11,7 +11,8 @@ The public API, in the order of the method ladder (each a module, imported on fi
   ``experts`` (expert trajectories, MTT's evaluation trainer), ``tm`` (MTT, DATM)
 * ``evaluate``: ``krr(ds, data)``, ``network(ds, data)`` -- any set, any evaluator
 * infrastructure: ``checkpoint``, ``shard``, ``checks``, ``viz``, ``results``, ``colab``
-* commands: ``run`` (notebooks, ``python -m kipnb.run``), ``course`` (coursework)
+* commands: ``run`` (notebooks, ``python -m kipnb.run``), ``repro`` (the reproduction
+  suite, ``python -m kipnb.run --repro``), ``course`` (coursework)
 
 The files are grouped the same way (``kernels/``, ``methods/``, ``finite/``, ``infra/``);
 every module is imported by its short name (``from kipnb import stax``), see
@@ -54,6 +55,7 @@ LOCATIONS = {
     "viz": "kipnb.infra.viz",
     "results": "kipnb.infra.results",
     "colab": "kipnb.infra.colab",
+    "repro": "kipnb.repro",
     "course": "kipnb.course",
 }
 

@@ -6,6 +6,8 @@
     python -m kipnb.run 00 02_label_solve -p IPC 10  # some notebooks, a parameter
     python -m kipnb.run --params-file repro.yaml     # parameters from a YAML/JSON file
     python -m kipnb.run --list                       # notebooks and their parameters
+    python -m kipnb.run --repro ls_fashion [--rows NAME ...] [--profile cpu|accelerator]
+                                                     # a reproduction spec (kipnb.repro)
 
 Each notebook ``NAME.ipynb`` is executed into ``OUTPUT/NAME.ipynb`` with the parameter
 ``OUTPUT_DIR`` set to ``OUTPUT/NAME/``, where it writes ``results.json`` and its files
@@ -324,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="See the module docstring (python -c 'import kipnb.run; help(kipnb.run)').",
     )
     ap.add_argument("notebooks", nargs="*", help="paths, names or number prefixes; default all")
-    ap.add_argument("-o", "--output", default="build/run", help="output directory")
+    ap.add_argument("-o", "--output", default=None,
+                    help="output directory (default build/run; build/repro with --repro)")
     ap.add_argument(
         "-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE")
     )
@@ -334,7 +337,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--kernel", default=None, help="Jupyter kernel name (default: notebook's)")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per cell")
     ap.add_argument("--list", action="store_true", help="list notebooks and parameters")
+    ap.add_argument("--repro", nargs="+", metavar="SPEC",
+                    help="reproduction specs (repro/NAME.yaml, a name, 'all'); see kipnb.repro")
+    ap.add_argument("--rows", nargs="+", default=[], help="with --repro: only these rows")
+    ap.add_argument("--profile", choices=("cpu", "accelerator"), default="cpu",
+                    help="with --repro: the rows of this hardware class (default cpu)")
     args = ap.parse_args(argv)
+    if args.repro:
+        from kipnb import repro
+
+        nd_repro = Path(args.notebook_dir) if args.notebook_dir else None
+        try:
+            return repro.run_cli(args.repro, args.rows, args.profile,
+                                 args.output or "build/repro", keep_going=args.keep_going,
+                                 notebook_dir=nd_repro,
+                                 timeout=args.timeout)
+        except repro.SpecError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    args.output = args.output or "build/run"
     try:
         nd = Path(args.notebook_dir) if args.notebook_dir else None
         notebooks = find_notebooks(args.notebooks, nd)

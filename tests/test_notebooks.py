@@ -127,6 +127,20 @@ def check_07(r):
     assert r["mtt"] == r["accuracy"]["MTT"]["mean"] and r["datm"] == r["accuracy"]["DATM"]["mean"]
 
 
+def check_08(r):
+    labels = {(s["label"], s["ipc"]) for s in r["sets"]}
+    assert labels == {(m, i) for m in ("random_real", "label_solve") for i in (1, 2)}, labels
+    recs = {(x["set"], x["ipc"], x["evaluator"]): x for x in r["records"]}
+    evs = ("krr_fc", "krr_conv", "fc_net", "convnet_mtt")
+    assert len(recs) == 16 and {k[2] for k in recs} == set(evs)
+    for x in r["records"]:
+        assert 0.2 < x["mean"] <= 1, x  # chance is 0.1
+        assert len(x["accs"]) == (1 if x["evaluator"].startswith("krr") else 2), x
+    for ipc in (1, 2):  # solved labels help every learner that reads them (not MTT's argmax)
+        assert recs[("label_solve", ipc, "krr_fc")]["mean"] > recs[("random_real", ipc, "krr_fc")]["mean"]
+    assert r["skipped"] == [] and r["n_test_conv"] == 50
+
+
 # Tiny parameters per notebook (keys: notebook stems) and the checks on its results.
 TINY = {
     "00_datasets": ({"DATASET": "digits", "IPC_SHOW": 2, "N_FIT": None}, check_00),
@@ -176,6 +190,12 @@ TINY = {
          "SYN_STEPS": 4, "CURRENT_MAX_START_EPOCH": 1, "MAX_START_EPOCH": 3,
          "EXPANSION_END": 4, "EVAL_EPOCHS": 100, "SEEDS": 2},
         check_07,
+    ),
+    "08_compare": (
+        {"DATASET": "digits", "IPCS": [1, 2], "BASELINES": ["random", "ls"], "LS_TARGETS": None,
+         "N_TEST": None, "N_TEST_CONV": 50, "CONV_DEPTH": 1, "SEEDS": 2, "FC_WIDTH": 128,
+         "TRANSFER_STEPS": 50, "MTT_WIDTH": 8, "MTT_EPOCHS": 200},
+        check_08,
     ),
 }
 

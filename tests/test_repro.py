@@ -1,0 +1,281 @@
+"""The reproduction suite (kipnb.repro): spec checks, reuse and resume, tables, README."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from kipnb import repro
+from kipnb.run import find_notebooks, notebook_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD_ROW = """
+  - name: a
+    notebook: 99_fake
+    parameters: {X: 1}
+    metric: value
+    seeds: [0, 1]
+    hardware: cpu
+    minutes: 0.1
+    published:
+      value: 1.0
+      source: {paper: P, table: T1, network: N}
+      comparable: true
+      verified: false
+      why: a test
+"""
+
+
+def write_spec(tmp_path, text, name="s"):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_good_spec_parses(tmp_path):
+    spec = repro.load_spec(write_spec(tmp_path, "title: T\nrows:" + GOOD_ROW))
+    (row,) = spec.rows
+    assert (row.name, row.notebook, row.seeds, row.parameters) == ("a", "99_fake", [0, 1], {"X": 1})
+    assert spec.select() == [row] and spec.select(profile="accelerator") == []
+    with pytest.raises(repro.SpecError, match=r"no row named \['b'\]"):
+        spec.select(["b"])
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (("hardware: cpu", "hardware: gpu"), r"row 'a': hardware 'gpu' is not one of"),
+        (("    minutes: 0.1\n", ""), r"row 'a': a cpu row states its estimated 'minutes'"),
+        (("    metric: value\n", ""), r"row 'a': missing 'metric'"),
+        (("seeds: [0, 1]", "seeds: [zero]"), r"'seeds' is a non-empty list of integers"),
+        (("      verified: false\n      why: a test\n", "      verified: false\n"),
+         r"an unverified published figure says 'why'"),
+        (("      source: {paper: P, table: T1, network: N}", "      source: {paper: P}"),
+         r"published source needs \['network', 'paper', 'table'\]"),
+        (("      comparable: true\n", ""), r"published figure lacks \['comparable'\]"),
+        (("    seeds:", "    sedes: [1]\n    seeds:"), r"unknown keys \['sedes'\]"),
+        (("    notebook: 99_fake\n", ""), r"give exactly one of 'notebook' and 'script'"),
+    ],
+)
+def test_bad_spec_names_the_problem(tmp_path, edit, match):
+    old, new = edit
+    assert old in GOOD_ROW
+    with pytest.raises(repro.SpecError, match=match):
+        repro.load_spec(write_spec(tmp_path, "title: T\nrows:" + GOOD_ROW.replace(old, new)))
+
+
+def test_bad_spec_files(tmp_path):
+    with pytest.raises(repro.SpecError, match="missing 'title'"):
+        repro.load_spec(write_spec(tmp_path, "rows:" + GOOD_ROW))
+    with pytest.raises(repro.SpecError, match="duplicate row name"):
+        repro.load_spec(write_spec(tmp_path, "title: T\nrows:" + GOOD_ROW + GOOD_ROW))
+    with pytest.raises(repro.SpecError, match="not valid YAML"):
+        repro.load_spec(write_spec(tmp_path, "title: [T\n"))
+    with pytest.raises(repro.SpecError, match=r"No spec 'nope': give a path or one of \["):
+        repro.find_spec("nope")
+
+
+def test_project_specs_are_valid_and_fit_two_hours():
+    specs = [repro.load_spec(p) for p in sorted(repro.SPEC_DIR.glob("*.yaml"))]
+    names = {s.name for s in specs}
+    assert {"ls_fashion", "kip_fashion", "kip_transfer", "tm_fashion", "importance_ablation",
+            "kernel_speed"} <= names, names
+    cpu_minutes = sum(r.minutes for s in specs for r in s.rows if r.hardware == "cpu")
+    assert cpu_minutes <= 120, f"make repro's cpu rows are estimated at {cpu_minutes} min"
+    declared = {}
+    for s in specs:
+        assert any(r.hardware == "accelerator" for r in s.rows) or s.name in (
+            "importance_ablation", "kernel_speed"), f"{s.name}: no accelerator rows"
+        for r in s.rows:
+            if r.notebook:  # every parameter is one the notebook declares
+                nb = find_notebooks([r.notebook])[0]
+                declared.setdefault(nb, set(notebook_parameters(nb)))
+                unknown = set(r.parameters) | ({r.seed_parameter} if r.seeds != [None] else set())
+                assert unknown <= declared[nb], (s.name, r.name, unknown - declared[nb])
+
+
+def test_lookup():
+    res = {"rows": [{"ipc": 1, "m": "kip", "acc": 0.5}, {"ipc": 10, "m": "kip", "acc": 0.8}],
+           "a": {"FC1 net": {"mean": 0.7}}}
+    assert repro.lookup(res, "rows[ipc=10,m=kip].acc") == 0.8
+    assert repro.lookup(res, "a.FC1 net.mean") == 0.7
+    with pytest.raises(KeyError, match="0 elements"):
+        repro.lookup(res, "rows[ipc=5].acc")
+
+
+FAKE_CODE = """
+import json, os
+os.makedirs(OUTPUT_DIR, exist_ok=True)
+with open(os.path.join(COUNTER), "a") as f:
+    f.write("x")
+json.dump({"value": X + SEED / 10, "other": {"mean": 0.5, "std": 0.1, "accs": [0.4, 0.6]}},
+          open(os.path.join(OUTPUT_DIR, "results.json"), "w"))
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("X = 1\nSEED = 0\nCOUNTER = ''\nOUTPUT_DIR = 'out'")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(FAKE_CODE)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, nb_dir / "99_fake.ipynb")
+    counter = tmp_path / "count.txt"
+    counter.write_text("")
+    spec_text = f"""title: Fake table
+rows:
+  - name: a
+    notebook: 99_fake
+    parameters: {{X: 1, COUNTER: {str(counter)!r}}}
+    metric: value
+    scale: 100
+    seeds: [0, 1]
+    hardware: cpu
+    minutes: 0.1
+    published:
+      value: 100.0
+      source: {{paper: P, table: T1, network: N}}
+      comparable: true
+      verified: true
+  - name: b
+    notebook: 99_fake
+    parameters: {{X: 1, COUNTER: {str(counter)!r}}}
+    metric: other
+    scale: 100
+    seeds: [0]
+    hardware: cpu
+    minutes: 0.1
+    published: null
+  - name: big
+    notebook: 99_fake
+    parameters: {{X: 5, COUNTER: {str(counter)!r}}}
+    metric: value
+    seeds: [0]
+    hardware: accelerator
+    published: null
+"""
+    return write_spec(tmp_path, spec_text, "fake"), nb_dir, counter
+
+
+def test_run_reuses_and_resumes(fake, tmp_path):
+    spec_path, nb_dir, counter = fake
+    out, res_dir = tmp_path / "build", tmp_path / "results"
+    kw = dict(output=out, results_dir=res_dir, notebook_dir=nb_dir, log=lambda *a, **k: None)
+    doc = repro.run_spec(spec_path, **kw)
+    assert counter.read_text() == "xx"  # seeds 0 and 1; row b reads the seed-0 run
+    rows = {r["name"]: r for r in doc["rows"]}
+    a, b, big = rows["a"], rows["b"], rows["big"]
+    assert a["values"] == pytest.approx([100.0, 110.0]) and a["mean"] == pytest.approx(105.0)
+    assert a["std"] == pytest.approx(7.0710678) and a["gap"] == pytest.approx(5.0)
+    assert a["status"] == "ok" and a["environment"]["jax"]
+    assert b["values"] == pytest.approx([40.0, 60.0]) and b["mean"] == pytest.approx(50.0)
+    assert b["status"] == "reused"  # the same notebook and parameters as a's seed 0
+    assert big["status"] == "not yet run" and big["mean"] is None  # accelerator row: listed
+    assert json.loads((res_dir / "fake.json").read_text()) == json.loads(json.dumps(doc))
+    md = (res_dir / "fake.md").read_text()
+    assert "| a | **105.0** ± 7.1 | 100.0 (P, T1, N) | 5.0 | cpu (~0.1 min) |" in md
+    assert "| big | not yet run | – |" in md
+
+    again = repro.run_spec(spec_path, **kw)  # nothing changed: nothing runs
+    assert counter.read_text() == "xx"
+    assert {r["status"] for r in again["rows"][:2]} == {"reused"}
+
+    # an interrupted suite: seed 1's run never finished (no stamp), so only it runs again
+    (stamp,) = [p for p in out.rglob("stamp.json")
+                if json.loads(p.read_text())["parameters"].get("SEED") == 1]
+    stamp.unlink()
+    repro.run_spec(spec_path, rows=["a"], **kw)
+    assert counter.read_text() == "xxx"
+    # other parameters: another run; rows not run this time keep their earlier results
+    spec = repro.load_spec(spec_path)
+    spec.rows[0].parameters["X"] = 2
+    doc = repro.run_spec(spec, rows=["a"], **kw)
+    assert counter.read_text() == "xxxxx"
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert rows["a"]["mean"] == pytest.approx(205.0) and rows["b"]["mean"] == pytest.approx(50.0)
+
+
+def test_failed_notebook_is_reported(fake, tmp_path):
+    spec_path, nb_dir, _ = fake
+    spec = repro.load_spec(spec_path)
+    spec.rows[1].metric = "missing.key"
+    spec.rows[0].seeds = [0]
+    with pytest.raises(RuntimeError, match=r"b: KeyError: .*'missing' not found"):
+        repro.run_spec(spec, output=tmp_path / "b", results_dir=tmp_path / "r",
+                       notebook_dir=nb_dir, keep_going=True, log=lambda *a, **k: None)
+    doc = json.loads((tmp_path / "r" / "fake.json").read_text())
+    assert [r["status"] for r in doc["rows"]] == ["ok", "failed", "not yet run"]
+
+
+def test_update_readme(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    doc = {"rows": [{"name": "r", "status": "ok", "mean": 80.0, "std": 1.0, "values": [79, 81],
+                     "published": None, "gap": None, "hardware": "cpu", "minutes_estimated": 1,
+                     "wall_seconds": 3.0, "environment": {"jax": "0.1", "commit": "abcdef123"}}]}
+    (res / "t.json").write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- repro:t -->\nold table\n<!-- /repro:t -->\nend\n")
+    assert repro.update_readme(readme, res, check=True) == ["t"]
+    assert "old table" in readme.read_text()  # check only compares
+    assert repro.update_readme(readme, res) == ["t"]
+    text = readme.read_text()
+    assert "| r | **80.0** ± 1.0 | – | – | cpu (~1 min) | 3 s | 0.1 | abcdef12 |" in text
+    assert text.startswith("intro\n<!-- repro:t -->\n|") and text.endswith("<!-- /repro:t -->\nend\n")
+    assert repro.update_readme(readme, res, check=True) == []
+    readme.write_text("<!-- repro:gone -->\n<!-- /repro:gone -->\n")
+    with pytest.raises(repro.SpecError, match="results/|gone.json does not exist"):
+        repro.update_readme(readme, res)
+
+
+def test_readme_agrees_with_results():
+    """README's generated tables are what results/ says (python -m kipnb.repro readme)."""
+    blocks = repro.readme_blocks((ROOT / "README.md").read_text())
+    results = sorted(p.stem for p in repro.RESULTS_DIR.glob("*.json"))
+    assert results, "results/ holds no spec results"
+    assert set(results) <= set(blocks), f"README lacks <!-- repro:NAME --> blocks for {results}"
+    stale = repro.update_readme(ROOT / "README.md", repro.RESULTS_DIR, check=True)
+    assert not stale, f"README differs from results/ for {stale}: run python -m kipnb.repro readme"
+
+
+def test_load_sets_judge_all_and_table(tmp_path):
+    import numpy as np
+
+    from kipnb import DistilledSet, kip, label_solve
+
+    d = kip.prepare("digits")
+    ls = label_solve.solve(d, 1, seed=0, n_targets=300)
+    for sub in ("a", "b"):  # the same label twice: told apart by directory
+        (tmp_path / sub).mkdir()
+        ls.save(tmp_path / sub / "ls_fc_ipc1.npz")
+    for ipc in (1, 2):
+        idx = np.concatenate([np.flatnonzero(d.labels_train == c)[:ipc] for c in range(10)])
+        DistilledSet(d.x_train[idx], d.labels_train[idx], "class", 10, transform=d.transform,
+                     source={"ipc": ipc}).save(tmp_path / "a" / f"random_ipc{ipc}.npz")
+    np.savez(tmp_path / "a" / "not_a_set.npz", x=np.zeros(3))
+    (tmp_path / "a" / "experts").mkdir()
+    np.savez(tmp_path / "a" / "experts" / "expert_000.npz", x=np.zeros(3))  # never looked at
+    sets, skipped = repro.load_sets(tmp_path)
+    assert [(s["label"], s["ipc"]) for s in sets] == [
+        ("ls_fc [a]", 1), ("ls_fc [b]", 1), ("random", 1), ("random", 2)]
+    assert [Path(s["path"]).name for s in skipped] == ["not_a_set.npz"]
+    assert "meta" in skipped[0]["why"] or skipped[0]["why"]
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        repro.load_sets(tmp_path / "nope")
+    evs = [e for e in repro.default_evaluators(n_test=200) if e["name"] == "krr_fc"]
+    recs = repro.judge_all(sets, d, evs, log=None)
+    by = {(r["set"], r["ipc"]): r for r in recs}
+    assert by[("ls_fc [a]", 1)]["mean"] > by[("random", 1)]["mean"] > 0.3  # chance: 0.1
+    table = repro.compare_table(recs)
+    assert table.splitlines()[0] == "| images/class | set | krr_fc |"
+    top = max((r for r in recs if r["ipc"] == 1), key=lambda r: r["mean"])
+    assert f"| 1 | {top['set']} | **{100 * top['mean']:.1f}** |" in table
+    assert table.count("**") == 2 * 3  # the best cell per ipc (a tie at 1: both)
+    assert len(table.splitlines()) == 2 + 4
