@@ -13,37 +13,17 @@ least its floor. Prints one line per figure; exits 1 on any failure, naming it.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import yaml
 
+from kipnb import repro
+
 ROOT = Path(__file__).resolve().parents[1]
-_SELECT = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<conds>[^\]]+)\]$")
 
 
-def lookup(results: dict, path: str):
-    """The value at ``path`` (see the module docstring) in ``results``; KeyError if absent."""
-    node = results
-    for seg in path.split("."):
-        m = _SELECT.match(seg)
-        if m:
-            want = {}
-            for cond in m["conds"].split(","):
-                key, _, value = cond.partition("=")
-                want[key.strip()] = yaml.safe_load(value)
-            items = node[m["name"]]
-            hits = [it for it in items
-                    if isinstance(it, dict) and all(it.get(k) == v for k, v in want.items())]
-            if len(hits) != 1:
-                raise KeyError(f"{seg}: {len(hits)} elements of {m['name']!r} match {want}")
-            node = hits[0]
-        else:
-            if not isinstance(node, dict) or seg not in node:
-                raise KeyError(f"{seg!r} not found (in {path!r})")
-            node = node[seg]
-    return node
+lookup = repro.lookup  # one implementation of the path syntax, shared with the specs
 
 
 def check(run_dir: Path, floors: dict, notebook_dir: Path = ROOT / "notebooks") -> list[str]:
