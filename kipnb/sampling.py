@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import cho_factor, cho_solve, solve_triangular
 
-from kipnb import data, kip, krr
+from kipnb import data, kip, krr, loop
 
 __all__ = [
     "AblationConfig",
@@ -171,9 +171,9 @@ def _nystrom_scores(kernel_fn, get, x, y, landmarks, reg, ridge, bs, dtype, prog
     g = jnp.zeros((m, m), dtype)
     b = jnp.zeros((m, C), dtype)
     yy = jnp.zeros((C, C), dtype)
-    blocks = list(krr._block_slices(n, bs))
+    blocks = list(krr.block_slices(n, bs))
     feats = []  # n x m features, kept for the second pass (no second kernel evaluation)
-    for start, stop in krr._progress(blocks, len(blocks), progress, desc):
+    for start, stop in loop.progress(blocks, total=len(blocks), desc=desc, enabled=progress):
         phi, finite = _nystrom(kernel_fn, get, x_m, lower, jnp.asarray(_pad(x[start:stop], bs),
                                                                          dtype))
         if not bool(finite):
@@ -280,7 +280,7 @@ def krr_sensitivity(
         raise ValueError("Too few points for landmarks: every class has fewer than 2 points.")
     x = np.asarray(x)
     dtype = jnp.float64 if x.dtype == np.float64 else jnp.float32
-    y = krr._one_hot_np(labels, C, True, np.float32)
+    y = krr.one_hot(labels, C, True, np.float32)
     bs = min(block_size, n)
     parts = [_nystrom_scores(kernel_fn, get, x, y, landmarks[j], reg, ridge, bs, dtype,
                              progress, f"sensitivity ({'AB'[j]})") for j in (0, 1)]
@@ -677,7 +677,7 @@ class ImportanceSampler:
         if loss_fn is None:
             loss_fn = KRRLoss(_default_kernel(C) if kernel_fn is None else kernel_fn, get, reg)
         self.loss_fn = loss_fn
-        self.y = krr._one_hot_np(self.labels, C, True, np.float32)
+        self.y = krr.one_hot(self.labels, C, True, np.float32)
         self._probs = self._mix(np.ones(N))
         self._step = -1
         self.last_losses: np.ndarray | None = None  # diagnostics of the latest refresh
@@ -728,7 +728,7 @@ class ImportanceSampler:
             pool = np.sort(rng.choice(N, self.pool_size, replace=False))
         losses = np.empty(len(pool))
         bs = min(self.block_size, len(pool))
-        for start, stop in krr._block_slices(len(pool), bs):
+        for start, stop in krr.block_slices(len(pool), bs):
             rows = pool[start:stop]
             out = np.asarray(self.loss_fn(support, _pad(self.x[rows], bs),
                                           _pad(self.y[rows], bs)), np.float64)
@@ -934,7 +934,7 @@ def run_ablation(cfg: AblationConfig, d: kip.KIPData | None = None, *, scores=No
                             init_accs.append(krr_acc(start["images"], start["labels"]))
                             y_s = krr.label_solve(
                                 kernel_fn, start["images"], d.x_train[ls_idx],
-                                krr._one_hot_np(d.labels_train[ls_idx], C, True, np.float32),
+                                krr.one_hot(d.labels_train[ls_idx], C, True, np.float32),
                                 reg=cfg.reg, get=cfg.get)
                             accs.append(krr_acc(start["images"], y_s))
                             continue
