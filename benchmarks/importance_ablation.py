@@ -1,38 +1,33 @@
-"""Importance sampling ablation on Fashion-MNIST: {uniform, importance} init x batches.
+"""The {uniform, importance} init x {uniform, importance} batches ablation, LS and KIP-FC.
 
-    python benchmarks/importance_ablation.py --ipcs 1 10 --seeds 3 --steps 300 \\
+Tukan, Maalouf, Osadchy 2023, "Dataset Distillation Meets Provable Subset Selection".
+One implementation: this script runs ``notebooks/05_importance_sampling.ipynb`` (the
+loop over the settings lives there; every setting is one library call, ``kip.run``
+from the picked images with or without :class:`kipnb.sampling.ImportanceSampler`, or
+Label Solve on them) with papermill (:func:`kipnb.run.run_notebooks`) and the
+parameters given here, and writes the notebook's ``results.json`` rows plus a summary
+(mean and std over seeds per cell), the settings, the command line, the wall time and
+the machine to ``--out``. Usage::
+
+    .venv/bin/python benchmarks/importance_ablation.py --ipcs 1 10 --seeds 3 --steps 300 \\
         --n-test 2000 --out benchmarks/results/importance_ablation.json
-
-Runs :func:`kipnb.sampling.run_ablation` (Tukan, Maalouf, Osadchy 2023, "Dataset
-Distillation Meets Provable Subset Selection"):
-
-* **LS** (Label Solve, FC NTK): the support images picked uniformly (KIP's class-balanced
-  draw) or by KRR sensitivity (:func:`kipnb.sampling.krr_sensitivity` +
-  :func:`kipnb.sampling.sample_init` with the redundancy filter), labels solved on
-  ``--ls-targets`` training images. LS has no batches: only the init varies.
-* **KIP** (FC NTK, ``--depth``): the same two inits x uniform (KIP's class-balanced)
-  or importance batches (:class:`kipnb.sampling.ImportanceSampler`, KIP's own per-point
-  loss, refreshed every ``--refresh-every`` steps, mixed with ``--mix`` uniform,
-  unbiased weights).
-
-Every cell is run for ``--seeds`` seeds (0, 1, ...); the JSON holds the per-seed KRR test
-accuracies on the first ``--n-test`` test images, their mean and std (ddof=1), the
-accuracy-vs-steps curves (mean over seeds), the starting accuracies, the picks, the wall
-times, the settings, the command line and the machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from kipnb import sampling  # noqa: E402
+from kipnb import run as nbrun  # noqa: E402
 from kipnb.results import machine_info, write_json  # noqa: E402
+
+NOTEBOOK = ROOT / "notebooks" / "05_importance_sampling.ipynb"
 
 
 def _min_dist(v: str):
@@ -48,36 +43,35 @@ def main(argv=None):
     ap.add_argument("--dataset", default="fashion_mnist")
     ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 per cell")
-    ap.add_argument("--methods", nargs="+", choices=["ls", "kip"], default=["ls", "kip"])
     ap.add_argument("--depth", type=int, default=3, help="FC kernel depth")
-    ap.add_argument("--get", choices=["ntk", "nngp"], default="ntk")
     ap.add_argument("--steps", type=int, default=300, help="KIP steps")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--target-batch", type=int, default=2000, help="KIP targets per step")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--n-test", type=int, default=2000, help="test images (0: all)")
     ap.add_argument("--ls-targets", type=int, default=10000, help="LS targets (0: all)")
-    ap.add_argument("--reg", type=float, default=1e-6)
     ap.add_argument("--landmarks", type=int, default=50, help="Nystrom landmarks per class")
     ap.add_argument("--min-dist", type=_min_dist, default="auto", help="auto | none | float")
     ap.add_argument("--refresh-every", type=int, default=20)
     ap.add_argument("--mix", type=float, default=0.2)
-    ap.add_argument("--pool-size", type=int, default=None)
     ap.add_argument("--n-train", type=int, default=None, help="training images (default all)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
 
-    cfg = sampling.AblationConfig(
-        dataset=a.dataset, ipcs=tuple(a.ipcs), seeds=tuple(range(a.seeds)),
-        methods=tuple(a.methods), depth=a.depth, get=a.get, steps=a.steps,
-        learning_rate=a.lr, target_batch_size=a.target_batch, eval_every=a.eval_every,
-        n_test=a.n_test or None, ls_targets=a.ls_targets or None, reg=a.reg,
-        landmarks_per_class=a.landmarks, min_dist=a.min_dist, refresh_every=a.refresh_every,
-        mix=a.mix, pool_size=a.pool_size, n_train=a.n_train,
-    )
+    params = {
+        "DATASET": a.dataset, "IPCS": list(a.ipcs), "SEEDS": list(range(a.seeds)),
+        "DEPTH": a.depth, "STEPS": a.steps, "LEARNING_RATE": a.lr,
+        "TARGET_BATCH": a.target_batch, "EVAL_EVERY": a.eval_every,
+        "N_TEST": a.n_test or None, "LS_TARGETS": a.ls_targets or None,
+        "LANDMARKS": a.landmarks, "MIN_DIST": a.min_dist, "REFRESH_EVERY": a.refresh_every,
+        "MIX": a.mix, "N_TRAIN": a.n_train,
+    }
     t0 = time.perf_counter()
-    result = sampling.run_ablation(cfg, log=lambda s: print(s, flush=True))
-    table = sampling.ablation_table(result)
+    with tempfile.TemporaryDirectory() as tmp:
+        (run,) = nbrun.run_notebooks([NOTEBOOK], tmp, params=params)
+        if not run.ok:
+            raise SystemExit(f"notebook 05 failed: {run.error}")
+        result = run.results
     out = {
         "benchmark": "importance_ablation",
         "paper": "Tukan, Maalouf, Osadchy 2023, Dataset Distillation Meets Provable Subset "
@@ -86,13 +80,14 @@ def main(argv=None):
             sys.argv[1:] if argv is None else argv),
         "summary": {f"{r['method']} ipc{r['ipc']} init={r['init']} batches={r['batches']}":
                     {"mean": r["mean"], "std": r["std"]} for r in result["rows"]},
-        **{k: v for k, v in result.items() if k != "config"},
+        **{k: result[k] for k in ("rows", "picks", "n_test", "sensitivity", "seconds")},
         "wall_seconds": time.perf_counter() - t0,
-        "settings": dataclasses.asdict(cfg),
+        "settings": params,
         "machine": machine_info(),
     }
     write_json(a.out, out)
-    print(table)
+    for k, v in out["summary"].items():
+        print(f"{k:45s} {100 * v['mean']:6.2f} +- {100 * v['std']:5.2f}")
     print(f"wall time {out['wall_seconds']:.0f} s -> {a.out}")
     return out
 

@@ -436,7 +436,7 @@ def make_batch(config: KIPConfig, images, labels, num_classes: int, weights=None
       >>> b.x.shape, b.y.shape, b.weights
       ((4, 2, 2, 1), (4, 4), None)
     """
-    y = np.asarray(krr.one_hot_targets(np.asarray(labels), num_classes, dtype=config.dtype))
+    y = krr.one_hot(labels, num_classes, True, np.dtype(config.dtype))
     x, y, w = _place_targets(shard.mesh(), np.asarray(images, config.dtype), y,
                              None if weights is None else np.asarray(weights, config.dtype))
     return KIPBatch(x, y, w)
