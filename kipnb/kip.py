@@ -628,6 +628,9 @@ def run(
 ) -> KIPResult:
     """Run KIP; returns a :class:`KIPResult` (distilled set, history, final support set).
 
+    This is :func:`kipnb.loop.run` over the public step functions :func:`init`,
+    :func:`target_batch` and :func:`update` (call those to own the loop).
+
     Args:
       config: the :class:`KIPConfig`.
       d: preprocessed data from :func:`prepare` (loaded from ``config`` if None).

@@ -840,6 +840,9 @@ def run(
 ) -> TMResult:
     """Distill ``data`` by MTT or DATM against the experts' ``trajectories``.
 
+    This is :func:`kipnb.loop.run` over the public step functions :func:`init`,
+    :func:`iteration_batch` and :func:`update` (call those to own the loop).
+
     Args:
       config: a :class:`TMConfig`.
       data: the experts' data (:func:`kipnb.experts.prepare`).
