@@ -5,7 +5,7 @@ For each device count a subprocess runs with ``JAX_PLATFORMS=cpu`` and
 TPU/GPU host leave ``--simulate`` off to measure the actual devices in one process) and
 measures
 
-* the KIP step (``kipnb.kip._step_fn``: loss, gradient and Adam update) with the FC-3
+* the KIP step (:func:`kipnb.kip.update`: loss, gradient and Adam update) with the FC-3
   NTK, 100 support images and 4000 targets of shape 28x28x1, targets split over the
   devices and the support set replicated, as in :func:`kipnb.kip.run`;
 * kernel throughput, pairs per second ``n1 * n2 / seconds`` of ``kernel_fn(x1, x2,
@@ -60,19 +60,16 @@ def worker(repeats: int, n_targets: int, n_support: int) -> dict:
     # KIP step: FC-3, n_support support images, n_targets targets.
     cfg = kip.KIPConfig(dataset="fashion_mnist", arch="fc", depth=3)
     kfn = kip.kernel_for(cfg, 10)
-    step = kip._step_fn(cfg, kfn)
     support = {
         "images": rng.standard_normal((n_support, 28, 28, 1)).astype(np.float32),
         "labels": np.asarray(krr.one_hot_targets(np.arange(n_support) % 10, 10)),
     }
-    trainable, fixed = kip._split(cfg, support)
-    opt_state = kip._optimizer(cfg).init(trainable)
-    trainable, fixed, opt_state = shard.replicate((trainable, fixed, opt_state), m)
+    state = kip.init(cfg, support=support)  # replicated over the devices
     x_t = rng.standard_normal((n_targets, 28, 28, 1)).astype(np.float32)
-    y_t = np.asarray(krr.one_hot_targets(rng.integers(0, 10, n_targets), 10))
-    xt, yt, w = kip._place_targets(m, x_t, y_t, None)
+    batch = kip.make_batch(cfg, x_t, rng.integers(0, 10, n_targets), 10)  # split over them
+    xt = batch.x
     out["kip_step_sharded_devices"] = len(xt.sharding.device_set)
-    sec = _time(lambda: step(trainable, fixed, opt_state, xt, yt, w), repeats)
+    sec = _time(lambda: kip.update(cfg, state, batch), repeats)
     out["kip_step"] = {"kernel": "fc3-ntk", "n_support": n_support, "n_targets": n_targets,
                        "seconds": sec, "steps_per_second": 1.0 / sec}
 
@@ -98,7 +95,7 @@ def worker(repeats: int, n_targets: int, n_support: int) -> dict:
         xb = shard.shard_batch(np.zeros((bs, 28, 28, 1), np.float32), m)
         yb = shard.shard_batch(np.zeros((bs, 10), np.float32), m)
         mask = shard.shard_batch(np.ones(bs, np.float32), m)
-        compiled = krr._evaluate_block.lower(kfn, "ntk", x_s, alpha, xb, yb, mask).compile()
+        compiled = krr.evaluate_block.lower(kfn, "ntk", x_s, alpha, xb, yb, mask).compile()
         mem = compiled.memory_analysis()
         row = {"block_size": bs}
         if mem is not None:

@@ -343,3 +343,28 @@ def test_colab_fc1_kip_run_matches_neural_tangents_float64():
     # ... and kipnb's trajectory is neural-tangents' to 1e-8 relative at every step
     np.testing.assert_allclose(losses, ref["losses"], rtol=1e-8, atol=0)
     assert np.max(np.abs(x_final - ref["x_final"])) < 1e-6 * np.max(np.abs(ref["x_final"]))
+
+
+# ------------------------------------------------------- public step functions
+
+
+def test_own_loop_over_init_and_update_equals_run(digits):
+    """kip.run is kipnb.loop over kip.init / target_batch / update: a hand-written loop
+    over the public step functions gives bit-identical support sets and losses."""
+    cfg = dataclasses.replace(TINY, eval_every=0, steps=4)
+    res = kip.run(cfg, digits, progress=False)
+    state, losses = kip.init(cfg, digits), []
+    assert isinstance(state, kip.KIPState) and set(state.trainable) == {"images", "labels"}
+    for step in range(cfg.steps):
+        batch = kip.target_batch(cfg, digits, step, state)
+        assert batch.x.shape == (200, 8, 8, 1) and batch.weights is None
+        state, m = kip.update(cfg, state, batch)
+        assert bool(m["finite"])
+        losses.append(float(m["loss"]))
+    assert losses == res.history["loss"]
+    for k in ("images", "labels"):
+        np.testing.assert_array_equal(np.asarray(state.support[k]), res.support[k])
+    fixed = kip.init(dataclasses.replace(cfg, learn_labels=False), digits)
+    assert set(fixed.trainable) == {"images"} and set(fixed.fixed) == {"labels"}
+    with pytest.raises(ValueError, match="needs the data"):
+        kip.init(cfg)

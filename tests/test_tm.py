@@ -277,3 +277,22 @@ def test_experts_too_short_for_the_window(setup):
         tm.run(_cfg(max_start_epoch=4, expert_epochs=2), d, traj, progress=False)
     with pytest.raises(ValueError, match="batch_syn=11 exceeds the 10"):
         tm.run(_cfg(batch_syn=11), d, traj, progress=False)
+
+
+def test_own_loop_over_init_and_update_equals_run(setup):
+    """tm.run is kipnb.loop over tm.init / iteration_batch / update: the same images, lr
+    and losses from a hand-written loop over the public step functions."""
+    d, traj = setup
+    cfg = _cfg(iterations=3)
+    res = tm.run(cfg, d, traj, progress=False)
+    state, losses = tm.init(cfg, d, traj), []
+    assert isinstance(state, tm.TMState) and state.images.shape == (10, SIZE, SIZE, 1)
+    for it in range(cfg.iterations):
+        batch = tm.iteration_batch(cfg, traj, it, state)
+        assert batch.idx.shape == (cfg.syn_steps, 10) and 0 <= batch.start_epoch < 2
+        state, m = tm.update(cfg, traj, state, batch)
+        assert m["finite"] and m["lr"] == float(state.lr)
+        losses.append(m["loss"])
+    assert losses == res.history["loss"]
+    np.testing.assert_array_equal(np.asarray(state.images), res.images)
+    assert float(state.lr) == res.lr

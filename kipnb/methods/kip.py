@@ -55,11 +55,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +66,7 @@ import numpy as np
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
-from kipnb import archs, checkpoint, data, evaluate, krr, preprocess, shard
+from kipnb import archs, checkpoint, data, evaluate, krr, loop, preprocess, shard
 from kipnb.checkpoint import CheckpointError
 from kipnb.distilled import DistilledSet
 
@@ -75,17 +74,23 @@ __all__ = [
     "PARAMETER_SETS",
     "BatchSampler",
     "CheckpointError",
+    "KIPBatch",
     "KIPConfig",
     "KIPData",
     "KIPNumericalError",
     "KIPResult",
+    "KIPState",
     "checkpoint_dir_for",
     "evaluate_krr",
     "init_support",
     "kernel_for",
+    "init",
     "kip_loss",
+    "make_batch",
     "prepare",
     "run",
+    "target_batch",
+    "update",
 ]
 
 CHECKPOINT_NAME = "kip_checkpoint.npz"
@@ -299,6 +304,40 @@ def kip_loss(kernel_fn, get: str, reg, x_s, y_s, x_t, y_t, weights=None):
     return jnp.mean(per_target), acc
 
 
+class KIPState(NamedTuple):
+    """KIP's optimizer state: the support set (split into learned and fixed parts) and Adam's.
+
+    Attributes:
+      trainable: the learned parts of the support set, e.g. ``{'images': ..., 'labels':
+        ...}`` (model space; which parts follows ``learn_images`` / ``learn_labels``).
+      fixed: the parts that are not learned.
+      opt_state: optax's Adam state of ``trainable``.
+    """
+
+    trainable: dict
+    fixed: dict
+    opt_state: Any
+
+    @property
+    def support(self) -> dict:
+        """The whole support set, ``dict(images=..., labels=...)``."""
+        return {**self.fixed, **self.trainable}
+
+
+class KIPBatch(NamedTuple):
+    """One step's real targets: model-space images, label vectors, per-target weights.
+
+    Attributes:
+      x: ``(b, H, W, C)`` images (split over the devices when ``b`` is a multiple of them).
+      y: ``(b, num_classes)`` centered one-hot targets.
+      weights: ``(b,)`` loss weights, or None (all 1).
+    """
+
+    x: Any
+    y: Any
+    weights: Any = None
+
+
 def _optimizer(config: KIPConfig):
     return optax.adam(config.learning_rate)
 
@@ -350,6 +389,18 @@ def _class_index(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
     return [np.flatnonzero(labels == c) for c in range(num_classes)]
 
 
+_BY_CLASS: dict = {}
+
+
+def _class_index_cached(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """:func:`_class_index`, remembered for the last labels array (one per run)."""
+    key = (id(labels), len(labels), num_classes)
+    hit = _BY_CLASS.get("last")
+    if hit is None or hit[0] != key or hit[1] is not labels:
+        _BY_CLASS["last"] = (key, labels, _class_index(labels, num_classes))
+    return _BY_CLASS["last"][2]
+
+
 def _target_indices(config: KIPConfig, step: int, by_class, n_train: int) -> np.ndarray:
     """The real targets of ``step``: a function of (seed, step) only."""
     rng = np.random.default_rng([config.seed, step])
@@ -361,6 +412,127 @@ def _target_indices(config: KIPConfig, step: int, by_class, n_train: int) -> np.
     return np.concatenate(
         [idx if per >= len(idx) else rng.choice(idx, per, replace=False) for idx in by_class]
     )
+
+
+def make_batch(config: KIPConfig, images, labels, num_classes: int, weights=None) -> KIPBatch:
+    """A :class:`KIPBatch` from model-space ``images`` and integer ``labels``.
+
+    The images are cast to the config's dtype, the labels become centered one-hot
+    targets, and all are split over the devices (replicated if the batch size is not a
+    multiple of the device count).
+
+    Args:
+      config: the :class:`KIPConfig` (its dtype).
+      images: ``(b, H, W, C)`` model-space images.
+      labels: ``(b,)`` integer classes.
+      num_classes: the number of classes.
+      weights: ``(b,)`` per-target loss weights, or None.
+
+    Returns:
+      A :class:`KIPBatch` ready for :func:`update`.
+
+    Example:
+      >>> b = make_batch(KIPConfig(), np.zeros((4, 2, 2, 1)), np.arange(4), 4)
+      >>> b.x.shape, b.y.shape, b.weights
+      ((4, 2, 2, 1), (4, 4), None)
+    """
+    y = krr.one_hot(labels, num_classes, True, np.dtype(config.dtype))
+    x, y, w = _place_targets(shard.mesh(), np.asarray(images, config.dtype), y,
+                             None if weights is None else np.asarray(weights, config.dtype))
+    return KIPBatch(x, y, w)
+
+
+def target_batch(config: KIPConfig, d, step: int, state: KIPState | None = None,
+                 sampler: BatchSampler | None = None) -> KIPBatch:
+    """The real targets of step ``step`` (0-based): a function of ``(seed, step)`` only.
+
+    Args:
+      config: the :class:`KIPConfig` (``target_batch_size``, ``target_sampling``, ``seed``).
+      d: the preprocessed data (:func:`prepare`).
+      step: the step index, 0-based.
+      state: the current state (passed to ``sampler``).
+      sampler: a :class:`BatchSampler` replacing the built-in sampling.
+
+    Returns:
+      A :class:`KIPBatch`.
+
+    Example:
+      >>> d = prepare("digits")
+      >>> b = target_batch(KIPConfig(dataset="digits", target_batch_size=100), d, 0)
+      >>> b.x.shape, b.y.shape
+      ((100, 8, 8, 1), (100, 10))
+    """
+    if sampler is not None:
+        idx, w = sampler.sample(step, {} if state is None else state.support)
+        idx = np.asarray(idx)
+    else:
+        by_class = _class_index_cached(d.labels_train, d.num_classes)
+        idx, w = _target_indices(config, step, by_class, len(d.labels_train)), None
+    return make_batch(config, d.x_train[idx], d.labels_train[idx], d.num_classes, w)
+
+
+def init(config: KIPConfig, d=None, *, support: dict | None = None) -> KIPState:
+    """KIP's starting state: the support set (given, or :func:`init_support`'s) and Adam's.
+
+    Args:
+      config: the :class:`KIPConfig`.
+      d: the preprocessed data (:func:`prepare`); needed unless ``support`` is given.
+      support: a starting ``dict(images=(n, H, W, C), labels=(n, C))`` in model space
+        (checked against ``d`` when both are given).
+
+    Returns:
+      A :class:`KIPState`, replicated over the devices.
+
+    Example:
+      >>> import numpy as np
+      >>> s = init(KIPConfig(), support={"images": np.zeros((2, 4, 4, 1)),
+      ...                                "labels": np.eye(2)})
+      >>> sorted(s.trainable), s.support["images"].shape
+      (['images', 'labels'], (2, 4, 4, 1))
+    """
+    if support is None:
+        if d is None:
+            raise ValueError("kip.init needs the data (to draw the support set) or support=.")
+        support = init_support(config, d)
+    elif d is not None:
+        support = _check_initial(support, config, d)
+    else:
+        support = {k: jnp.asarray(v, config.dtype) for k, v in support.items()}
+    trainable, fixed = _split(config, support)
+    state = KIPState(trainable, fixed, _optimizer(config).init(trainable))
+    return shard.replicate(state, shard.mesh())
+
+
+def update(config: KIPConfig, state: KIPState, batch: KIPBatch) -> tuple[KIPState, dict]:
+    """One KIP step: the loss on ``batch``, its gradient, and Adam's update.
+
+    Args:
+      config: the :class:`KIPConfig` (kernel, ``reg``, ``learning_rate``).
+      state: the current :class:`KIPState`.
+      batch: the step's targets (:func:`target_batch` or :func:`make_batch`).
+
+    Returns:
+      ``(new_state, metrics)``; ``metrics``: ``loss`` and ``batch_acc`` (0-d arrays, the
+      values before the update) and ``finite`` (False when the loss or the gradient is
+      NaN/Inf: then do not use ``new_state``).
+
+    Example:
+      >>> cfg = KIPConfig(arch="fc", depth=1)
+      >>> rng = np.random.default_rng(0)
+      >>> s = init(cfg, support={"images": rng.normal(size=(4, 4, 4, 1)),
+      ...                        "labels": krr.one_hot_targets(np.arange(4) % 2, 2)})
+      >>> b = make_batch(cfg, rng.normal(size=(8, 4, 4, 1)), np.arange(8) % 2, 2)
+      >>> s, m = update(cfg, s, b)
+      >>> bool(m["finite"]), float(m["loss"]) > 0
+      (True, True)
+    """
+    support = state.support
+    kernel_fn = kernel_for(config, support["labels"].shape[1])
+    step = _step_fn(config, kernel_fn)
+    new, opt_state, loss, acc, finite = step(state.trainable, state.fixed, state.opt_state,
+                                             batch.x, batch.y, batch.weights)
+    return KIPState(new, state.fixed, opt_state), {"loss": loss, "batch_acc": acc,
+                                                   "finite": finite}
 
 
 def init_support(config: KIPConfig, d: KIPData) -> dict:
@@ -456,6 +628,9 @@ def run(
 ) -> KIPResult:
     """Run KIP; returns a :class:`KIPResult` (distilled set, history, final support set).
 
+    This is :func:`kipnb.loop.run` over the public step functions :func:`init`,
+    :func:`target_batch` and :func:`update` (call those to own the loop).
+
     Args:
       config: the :class:`KIPConfig`.
       d: preprocessed data from :func:`prepare` (loaded from ``config`` if None).
@@ -492,128 +667,63 @@ def run(
         )
     C = d.num_classes
     kernel_fn = kernel_for(config, C)
-    opt = _optimizer(config)
-    step_fn = _step_fn(config, kernel_fn)
-    by_class = _class_index(d.labels_train, C)
-    n_train = len(d.labels_train)
-    y_train = np.asarray(krr.one_hot_targets(d.labels_train, C, dtype=config.dtype))
-
-    if initial is None:
-        support = init_support(config, d)
-    else:
-        support = _check_initial(initial, config, d)
+    support = init_support(config, d) if initial is None else _check_initial(initial, config, d)
     classes = np.asarray(support["labels"]).argmax(axis=1).astype(np.int32)
-    trainable, fixed = _split(config, support)
-    opt_state = opt.init(trainable)
-    history, start, elapsed = _empty_history(), 0, 0.0
-    sampler_state = batch_sampler.state() if hasattr(batch_sampler, "state") else {}
-
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    state = init(config, support=support)
     cfg_dict = dataclasses.asdict(config)
-    fingerprint = d.fingerprint() + "/" + _hash_support(support)
-    if ckpt is not None and ckpt.exists():
-        checkpoint.check_resumable(ckpt, cfg_dict, fingerprint, what="KIP",
-                                   free=_RESUMABLE_CHANGES,
-                                   data_why="the training data or initial support differ")
-        template = {"trainable": trainable, "fixed": fixed, "opt_state": opt_state,
-                    "sampler": sampler_state}
-        state, meta = checkpoint.load(ckpt, template)
-        trainable = jax.tree_util.tree_map(jnp.asarray, state["trainable"])
-        fixed = jax.tree_util.tree_map(jnp.asarray, state["fixed"])
-        opt_state = jax.tree_util.tree_map(jnp.asarray, state["opt_state"])
-        if sampler_state:
-            batch_sampler.restore(state["sampler"])
-        history, start, elapsed = meta["history"], int(meta["step"]), float(meta["elapsed"])
     mesh = shard.mesh()
-    trainable, fixed, opt_state = shard.replicate((trainable, fixed, opt_state), mesh)
 
-    saved = [start] if ckpt is not None and start > 0 else []  # step of the file on disk
-
-    def save_checkpoint(step):
-        if ckpt is None:
-            return
+    def pack(s: KIPState) -> dict:
         s_state = batch_sampler.state() if hasattr(batch_sampler, "state") else {}
-        checkpoint.save(
-            ckpt,
-            {"trainable": trainable, "fixed": fixed, "opt_state": opt_state, "sampler": s_state},
-            {"step": step, "config": cfg_dict, "data": fingerprint, "history": history,
-             "elapsed": elapsed + time.perf_counter() - t0},
-        )
-        saved[:] = [step]
+        return {"trainable": s.trainable, "fixed": s.fixed, "opt_state": s.opt_state,
+                "sampler": s_state}
 
-    def evaluate(step):
-        p = {**fixed, **trainable}
+    def unpack(tree: dict) -> KIPState:
+        if tree["sampler"]:
+            batch_sampler.restore(tree["sampler"])
+        s = jax.tree_util.tree_map(jnp.asarray, (tree["trainable"], tree["fixed"],
+                                                 tree["opt_state"]))
+        return shard.replicate(KIPState(*s), mesh)
+
+    def evaluate(s: KIPState, step: int) -> dict:
+        p = s.support
         n = config.eval_test_size
         n = len(d.x_test) if n is None else min(n, len(d.x_test))
         out = krr.krr_evaluate(kernel_fn, p["images"], p["labels"],
                                d.x_test[:n].astype(config.dtype), d.labels_test[:n],
                                reg=config.reg, get=config.get, block_size=min(1000, n))
-        history["eval_step"].append(step)
-        history["test_acc"].append(out["accuracy"])
-        history["test_mse"].append(out["mse"])
-        history["wall_time"].append(elapsed + time.perf_counter() - t0)
-        return out["accuracy"]
+        return {"test_acc": out["accuracy"], "test_mse": out["mse"]}
 
-    t0 = time.perf_counter()
+    def nan_error(step: int, metrics: dict, kept: str) -> Exception:
+        return KIPNumericalError(
+            f"KIP step {step}: the loss or its gradient is NaN/Inf (loss={metrics['loss']}); "
+            f"the update was not applied. {kept} Fixes: raise reg (now "
+            f"{config.reg:g}; try 1e-4), lower learning_rate (now "
+            f"{config.learning_rate:g}), or compute in float64 "
+            "(jax.config.update('jax_enable_x64', True) and float64=True)."
+        )
+
+    user_callback = callback
+    if callback is not None:
+        def callback(info):  # noqa: F811 (the user's callback without the state)
+            return user_callback({k: v for k, v in info.items() if k != "state"})
+
     evaluating = config.eval_every > 0
-    if evaluating and start == 0 and not history["eval_step"]:
-        evaluate(0)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, initial=min(start, config.steps), desc="KIP",
-                   leave=True)
-    try:
-        for step in range(start, config.steps):
-            if batch_sampler is not None:
-                idx, w = batch_sampler.sample(step, {**fixed, **trainable})
-                idx = np.asarray(idx)
-            else:
-                idx, w = _target_indices(config, step, by_class, n_train), None
-            x_t, y_t, w = _place_targets(
-                mesh, np.asarray(d.x_train[idx], config.dtype), y_train[idx],
-                None if w is None else np.asarray(w, config.dtype))
-            new, new_state, loss, acc, finite = step_fn(trainable, fixed, opt_state, x_t, y_t, w)
-            loss = float(loss)
-            if not bool(finite):
-                kept = (f"The last good checkpoint ({ckpt}, step {saved[0]}) was kept."
-                        if saved else "No checkpoint was written yet.")
-                raise KIPNumericalError(
-                    f"KIP step {step + 1}: the loss or its gradient is NaN/Inf (loss={loss}); "
-                    f"the update was not applied. {kept} Fixes: raise reg (now "
-                    f"{config.reg:g}; try 1e-4), lower learning_rate (now "
-                    f"{config.learning_rate:g}), or compute in float64 "
-                    "(jax.config.update('jax_enable_x64', True) and float64=True)."
-                )
-            trainable, opt_state = new, new_state
-            done = step + 1
-            history["step"].append(done)
-            history["loss"].append(loss)
-            history["batch_acc"].append(float(acc))
-            info = {"step": done, "loss": loss, "batch_acc": float(acc),
-                    "last": done == config.steps}
-            if evaluating and (done % config.eval_every == 0 or done == config.steps):
-                info["test_acc"] = evaluate(done)
-            if ckpt is not None and (
-                (config.checkpoint_every and done % config.checkpoint_every == 0)
-                or done == config.steps
-            ):
-                save_checkpoint(done)
-            if bar is not None:
-                bar.update(1)
-                post = {"loss": f"{loss:.4g}"}
-                if history["test_acc"]:
-                    post["test_acc"] = f"{history['test_acc'][-1]:.4f}"
-                bar.set_postfix(post, refresh=False)
-            if callback is not None:
-                callback(info)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    support = {k: np.asarray(v) for k, v in {**fixed, **trainable}.items()}
-    history["seconds"] = elapsed + time.perf_counter() - t0
+    out = loop.run(
+        state, functools.partial(update, config), config.steps,
+        batch_fn=lambda step, s: target_batch(config, d, step, s, batch_sampler),
+        history=_empty_history(), step_key="step",
+        evaluate=evaluate if evaluating else None, eval_every=config.eval_every,
+        eval_at_start=evaluating, eval_at_end=evaluating,
+        checkpoint_path=None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME,
+        checkpoint_every=config.checkpoint_every, config=cfg_dict,
+        fingerprint=d.fingerprint() + "/" + _hash_support(support), free=_RESUMABLE_CHANGES,
+        what="KIP", data_why="the training data or initial support differ",
+        pack=pack, unpack=unpack, nan_error=nan_error, callback=callback,
+        progress_bar=progress, desc="KIP",
+    )
+    history = out.history
+    support = {k: np.asarray(v) for k, v in out.state.support.items()}
     kernel = f"{config.arch}{'' if config.depth is None else config.depth}-{config.get}"
     distilled = DistilledSet(
         images=support["images"],

@@ -67,20 +67,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import cho_factor, cho_solve
 
-from kipnb import shard
+from kipnb import loop, shard
 
 __all__ = [
     "DEFAULT_REG",
     "DEFAULT_SOLVE_REG",
     "NumericalError",
     "accuracy",
+    "block_slices",
     "default_solve_reg",
+    "evaluate_block",
     "krr",
     "krr_evaluate",
     "krr_fit",
     "krr_predict",
     "label_solve",
     "label_solve_kernels",
+    "one_hot",
     "one_hot_targets",
     "regularized",
 ]
@@ -195,12 +198,29 @@ def _check_labels(labels, num_classes: int):
             )
 
 
-def _one_hot_np(labels: np.ndarray, num_classes: int, centered: bool, dtype) -> np.ndarray:
-    """Host (NumPy) version of one_hot_targets for blocks of already-checked labels."""
+def one_hot(labels, num_classes: int, centered: bool = True, dtype=np.float32) -> np.ndarray:
+    """Host (NumPy) :func:`one_hot_targets`, without its label checks (fast, for blocks).
+
+    Args:
+      labels: ``(n,)`` integers in ``[0, num_classes)`` (not checked).
+      num_classes: the number of classes ``C``.
+      centered: subtract ``1/C`` (KIP's targets).
+      dtype: the NumPy dtype of the result.
+
+    Returns:
+      ``(n, C)`` NumPy array.
+
+    Example:
+      >>> one_hot(np.array([0, 1]), 2)
+      array([[ 0.5, -0.5],
+             [-0.5,  0.5]], dtype=float32)
+    """
+    labels = np.asarray(labels)
     y = (labels[:, None] == np.arange(num_classes)).astype(dtype)
     if centered:
         y -= np.asarray(1.0 / num_classes, dtype)
     return y
+
 
 
 @jax.jit
@@ -366,9 +386,23 @@ def default_solve_reg(dtype) -> float:
 # ------------------------------------------------------------ blockwise evaluation
 
 
-def _block_slices(n: int, block_size: int) -> Iterator[tuple[int, int]]:
+def block_slices(n: int, block_size: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive blocks of ``block_size`` rows covering ``range(n)``.
+
+    Args:
+      n: the number of rows.
+      block_size: rows per block (the last block may be shorter).
+
+    Returns:
+      An iterator of ``(start, stop)`` pairs.
+
+    Example:
+      >>> list(block_slices(5, 2))
+      [(0, 2), (2, 4), (4, 5)]
+    """
     for start in range(0, n, block_size):
         yield start, min(start + block_size, n)
+
 
 
 def _take_block(x, start: int, stop: int, block_size: int):
@@ -405,11 +439,7 @@ def _validate_block_inputs(x_s, x_t, block_size: int, get) -> None:
 
 
 def _progress(iterable, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc)
+    return loop.progress(iterable, total=total, desc=desc, enabled=enabled)
 
 
 # The jitted pieces take kernel_fn as a static argument, so repeated calls with the same
@@ -435,14 +465,41 @@ def _support_factor(kernel_fn: KernelFn, x_s: jax.Array, reg, get: str):
 
 
 @functools.partial(jax.jit, static_argnames=("kernel_fn", "get"))
-def _evaluate_block(kernel_fn: KernelFn, get: str, x_s, alpha, xb, yb, mask):
-    """Sum of squared errors and number correct on one (padded) block of targets."""
+def evaluate_block(kernel_fn: KernelFn, get: str, x_s, alpha, xb, yb, mask):
+    """KRR's sum of squared errors and number correct on one (padded) block of targets.
+
+    The jitted kernel of :func:`krr_evaluate` (one block of ``K(x_b, x_s) @ alpha``);
+    public so that benchmarks can time or compile it (``evaluate_block.lower(...)``).
+
+    Args:
+      kernel_fn: the kernel (static: hashable, reused objects reuse the compilation).
+      get: ``'ntk'`` or ``'nngp'`` (static).
+      x_s: ``(n_s, ...)`` support inputs.
+      alpha: ``(n_s, C)`` KRR weights, ``(K_ss + lam I)^{-1} y_s`` (:func:`krr_fit`).
+      xb: ``(b, ...)`` a block of targets.
+      yb: ``(b, C)`` their label vectors.
+      mask: ``(b,)`` 1 for real rows, 0 for padding.
+
+    Returns:
+      ``(sum of squared errors, number correct, kernel block finite)`` as 0-d arrays.
+
+    Example:
+      >>> import kipnb.archs
+      >>> k = kipnb.archs.kernel("fc", depth=1)
+      >>> x = jnp.ones((2, 2, 2, 1)); y = jnp.eye(2)
+      >>> sq, n_ok, ok = evaluate_block(k, "ntk", x, y, x, y, jnp.ones(2))
+      >>> bool(ok)
+      True
+    """
     k_tb = kernel_fn(xb, x_s, get)
     _check_kernel_block(k_tb, (xb.shape[0], x_s.shape[0]), f"a block of {xb.shape[0]} targets")
     pred = _matmul(k_tb, alpha)
     sq = jnp.sum(((pred - yb) ** 2) * mask[:, None])
     correct = jnp.sum((jnp.argmax(pred, 1) == jnp.argmax(yb, 1)) * mask)
     return sq, correct, jnp.all(jnp.isfinite(k_tb))
+
+
+_evaluate_block = evaluate_block  # the old private name (tests)
 
 
 @functools.partial(jax.jit, static_argnames=("kernel_fn", "get"))
@@ -556,16 +613,16 @@ def krr_evaluate(
     bs = _block_size(block_size, n_t)
 
     sq_total, correct_total = 0.0, 0
-    blocks = list(_block_slices(n_t, bs))
+    blocks = list(block_slices(n_t, bs))
     for start, stop in _progress(blocks, len(blocks), progress, "KRR eval"):
         xb = _device_block(x_t, start, stop, bs, x_s.dtype)
         if y_t is None:
             lb = np.asarray(_take_block(labels_t, start, stop, bs))
-            yb = shard.shard_batch(_one_hot_np(lb, num_classes, centered, k_ss.dtype))
+            yb = shard.shard_batch(one_hot(lb, num_classes, centered, k_ss.dtype))
         else:
             yb = _device_block(y_t, start, stop, bs, k_ss.dtype)
         mask = _mask(stop - start, bs, k_ss.dtype)
-        sq, correct, finite = _evaluate_block(kernel_fn, get, x_s, alpha, xb, yb, mask)
+        sq, correct, finite = evaluate_block(kernel_fn, get, x_s, alpha, xb, yb, mask)
         if not bool(finite):
             raise NumericalError(
                 f"k(x_t, x_s) has NaN/Inf entries in target rows {start}:{stop}. {_FIX}"
@@ -644,7 +701,7 @@ def label_solve(
     _check_finite(y_t, "y_t", "Check the targets.")
     gram = shard.replicate(np.zeros((n_s, n_s), dtype))
     rhs = shard.replicate(np.zeros((n_s, num_classes), dtype))
-    blocks = list(_block_slices(n_t, bs))
+    blocks = list(block_slices(n_t, bs))
     for start, stop in _progress(blocks, len(blocks), progress, "Label Solve"):
         xb = _device_block(x_t, start, stop, bs, x_s.dtype)
         yb = _device_block(y_t, start, stop, bs, dtype)

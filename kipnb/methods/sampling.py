@@ -23,8 +23,11 @@ distribution instead:
    uniform distribution, draws the batch from that, and returns importance weights
    ``1 / (N p_i)`` that keep KIP's loss an unbiased estimate of the full-data mean loss.
 
-:func:`run_ablation` runs the {uniform, importance} initialization x {uniform,
-importance} batches comparison of notebook 05 and ``benchmarks/importance_ablation.py``.
+The {uniform, importance} initialization x {uniform, importance} batches ablation is an
+experiment, not library code: notebook 05 loops over its settings (each one a
+``kip.run`` or a Label Solve call) and ``benchmarks/importance_ablation.py`` runs that
+notebook. This module does not import :mod:`kipnb.kip`: it returns indices, scores and
+arrays, and KIP consumes them (``kip.run(initial=..., batch_sampler=...)``).
 
 Choices made here (the paper gives no code, and leaves these open):
 
@@ -43,11 +46,9 @@ Choices made here (the paper gives no code, and leaves these open):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -55,19 +56,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import cho_factor, cho_solve, solve_triangular
 
-from kipnb import data, kip, krr
+from kipnb import archs, data, krr, loop
 
 __all__ = [
-    "AblationConfig",
     "ImportanceSampler",
     "KRRLoss",
-    "ablation_table",
     "auto_min_dist",
     "importance_weights",
     "initial_support",
     "kmeans_sensitivity",
     "krr_sensitivity",
-    "run_ablation",
     "sample_init",
     "uniform_init",
 ]
@@ -80,7 +78,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 def _default_kernel(num_classes: int) -> Callable:
     """The FC-3 NTK of :mod:`kipnb.archs` (cheap: ~50M pairs/s on 28x28 images on a CPU)."""
-    return kip.kernel_for(kip.KIPConfig(arch="fc"), num_classes)
+    return archs.kernel("fc", num_classes=num_classes)  # = kip.kernel_for(KIPConfig(arch="fc"))
 
 
 def _labels(labels, num_classes: int | None, n: int | None = None, what: str = "x"):
@@ -171,9 +169,9 @@ def _nystrom_scores(kernel_fn, get, x, y, landmarks, reg, ridge, bs, dtype, prog
     g = jnp.zeros((m, m), dtype)
     b = jnp.zeros((m, C), dtype)
     yy = jnp.zeros((C, C), dtype)
-    blocks = list(krr._block_slices(n, bs))
+    blocks = list(krr.block_slices(n, bs))
     feats = []  # n x m features, kept for the second pass (no second kernel evaluation)
-    for start, stop in krr._progress(blocks, len(blocks), progress, desc):
+    for start, stop in loop.progress(blocks, total=len(blocks), desc=desc, enabled=progress):
         phi, finite = _nystrom(kernel_fn, get, x_m, lower, jnp.asarray(_pad(x[start:stop], bs),
                                                                          dtype))
         if not bool(finite):
@@ -280,7 +278,7 @@ def krr_sensitivity(
         raise ValueError("Too few points for landmarks: every class has fewer than 2 points.")
     x = np.asarray(x)
     dtype = jnp.float64 if x.dtype == np.float64 else jnp.float32
-    y = krr._one_hot_np(labels, C, True, np.float32)
+    y = krr.one_hot(labels, C, True, np.float32)
     bs = min(block_size, n)
     parts = [_nystrom_scores(kernel_fn, get, x, y, landmarks[j], reg, ridge, bs, dtype,
                              progress, f"sensitivity ({'AB'[j]})") for j in (0, 1)]
@@ -503,7 +501,7 @@ def uniform_init(seed: int, labels, ipc: int, num_classes: int | None = None) ->
     return data.class_balanced_indices(jax.random.key(seed), labels, ipc, C)
 
 
-def initial_support(d: kip.KIPData, indices, dtype=jnp.float32) -> dict:
+def initial_support(d, indices, dtype=jnp.float32) -> dict:
     """``dict(images, labels)`` for ``kip.run(initial=...)``: those training images,
     centered one-hot labels."""
     idx = np.asarray(indices)
@@ -677,19 +675,21 @@ class ImportanceSampler:
         if loss_fn is None:
             loss_fn = KRRLoss(_default_kernel(C) if kernel_fn is None else kernel_fn, get, reg)
         self.loss_fn = loss_fn
-        self.y = krr._one_hot_np(self.labels, C, True, np.float32)
+        self.y = krr.one_hot(self.labels, C, True, np.float32)
         self._probs = self._mix(np.ones(N))
         self._step = -1
         self.last_losses: np.ndarray | None = None  # diagnostics of the latest refresh
         self.refresh_seconds = 0.0
 
     @classmethod
-    def for_kip(cls, config: kip.KIPConfig, d: kip.KIPData, **kw) -> ImportanceSampler:
+    def for_kip(cls, config, d, **kw) -> ImportanceSampler:
         """A sampler for a KIP run: its kernel, ``get``, ``reg``, batch size and seed."""
         kw.setdefault("batch_size", config.target_batch_size)
         kw.setdefault("seed", config.seed)
         if "loss_fn" not in kw:
-            kw.setdefault("kernel_fn", kip.kernel_for(config, d.num_classes))
+            depth = {} if config.depth is None else {"depth": config.depth}
+            kw.setdefault("kernel_fn",
+                          archs.kernel(config.arch, num_classes=d.num_classes, **depth))
             kw.setdefault("get", config.get)
             kw.setdefault("reg", config.reg)
         return cls(d.x_train, d.labels_train, d.num_classes, **kw)
@@ -728,7 +728,7 @@ class ImportanceSampler:
             pool = np.sort(rng.choice(N, self.pool_size, replace=False))
         losses = np.empty(len(pool))
         bs = min(self.block_size, len(pool))
-        for start, stop in krr._block_slices(len(pool), bs):
+        for start, stop in krr.block_slices(len(pool), bs):
             rows = pool[start:stop]
             out = np.asarray(self.loss_fn(support, _pad(self.x[rows], bs),
                                           _pad(self.y[rows], bs)), np.float64)
@@ -798,193 +798,3 @@ class ImportanceSampler:
         if not (np.isfinite(probs).all() and (probs > 0).all()):
             raise ValueError("state['probs'] must be positive and finite.")
         self._probs, self._step = probs.copy(), int(np.asarray(state["step"]))
-
-
-# ------------------------------------------------------------------------ ablation
-
-
-@dataclass(frozen=True)
-class AblationConfig:
-    """The {uniform, importance} init x {uniform, importance} batches ablation.
-
-    Methods: ``'ls'`` (Label Solve: support images as picked, labels solved on
-    ``ls_targets`` training images; there are no batches, so only the init varies) and
-    ``'kip'`` (KIP with the FC kernel of ``depth``). Uniform init is KIP's own
-    (:func:`uniform_init`); importance init is :func:`sample_init` with ``min_dist`` on
-    :func:`krr_sensitivity` scores (``init_sensitivity='krr'``, the paper's choice for
-    KRR-based methods, with ``landmarks_per_class``) or :func:`kmeans_sensitivity`
-    (``'kmeans'``, ``kmeans_k`` clusters per class). Uniform batches are KIP's default
-    class-balanced ones; importance batches come from :class:`ImportanceSampler` (KIP's
-    loss, stratified, ``refresh_every``, ``mix``, ``pool_size``; unbiased weights unless
-    ``weighted=False``). The scores are computed once (landmarks of seed 0); each seed
-    varies the picks and, for KIP, the batches.
-    """
-
-    dataset: str = "fashion_mnist"
-    ipcs: tuple[int, ...] = (1, 10)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = ("ls", "kip")
-    depth: int = 3
-    get: str = "ntk"
-    steps: int = 300
-    learning_rate: float = 0.01
-    target_batch_size: int = 2000
-    eval_every: int = 50
-    n_test: int | None = 2000
-    ls_targets: int | None = 10000
-    reg: float = 1e-6
-    landmarks_per_class: int = 50
-    init_sensitivity: str = "krr"
-    kmeans_k: int = 10
-    min_dist: float | str | None = "auto"
-    refresh_every: int = 20
-    mix: float = 0.2
-    weighted: bool = True
-    pool_size: int | None = None
-    n_train: int | None = None
-
-    def __post_init__(self):
-        if self.init_sensitivity not in ("krr", "kmeans"):
-            raise ValueError(f"init_sensitivity must be 'krr' or 'kmeans', got "
-                             f"{self.init_sensitivity!r}.")
-        if not set(self.methods) <= {"ls", "kip"} or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of ('ls', 'kip'), got "
-                             f"{self.methods!r}.")
-        if not self.ipcs or not self.seeds:
-            raise ValueError("ipcs and seeds must not be empty.")
-
-
-def _mean_std(v):
-    v = np.asarray(v, np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
-def run_ablation(cfg: AblationConfig, d: kip.KIPData | None = None, *, scores=None,
-                 log: Callable[[str], Any] | None = print, progress: bool = False) -> dict:
-    """Run the ablation; returns a JSON-able dict.
-
-    ``d``: data from :func:`kipnb.kip.prepare` (loaded if None); ``scores``: the
-    importance scores of ``d.x_train`` if already computed (e.g. :func:`krr_sensitivity`
-    with KIP's kernel), else they are computed as ``cfg.init_sensitivity`` says;
-    ``log``: progress lines (None: quiet).
-
-    Keys: ``rows`` (one per method x ipc x init x batches: ``accs`` per seed, ``mean``,
-    ``std`` (ddof=1), ``init_accs`` (KRR accuracy of the starting support with one-hot
-    labels), ``curve`` (``eval_step`` and the mean ``test_acc`` over seeds, KIP only),
-    ``seconds``); ``picks`` (``{ipc: {"uniform": [[...] per seed], "importance": ...}}``);
-    ``sensitivity_seconds``; ``config``; ``n_test``.
-    """
-    say = log or (lambda *_: None)
-    t_all = time.perf_counter()
-    if d is None:
-        d = kip.prepare(kip.KIPConfig(dataset=cfg.dataset), n_train=cfg.n_train)
-    C = d.num_classes
-    base = kip.KIPConfig(dataset=cfg.dataset, arch="fc", depth=cfg.depth, get=cfg.get,
-                         learning_rate=cfg.learning_rate, target_batch_size=cfg.target_batch_size,
-                         reg=cfg.reg, eval_every=cfg.eval_every, eval_test_size=cfg.n_test,
-                         checkpoint_every=0, steps=cfg.steps)
-    kernel_fn = kip.kernel_for(base, C)
-    n_test = len(d.x_test) if cfg.n_test is None else min(cfg.n_test, len(d.x_test))
-
-    t0, t_sens = time.perf_counter(), (None if scores is None else 0.0)
-    if scores is None and cfg.init_sensitivity == "kmeans":
-        scores = kmeans_sensitivity(d.x_train, d.labels_train, C, k=cfg.kmeans_k)
-    elif scores is None:
-        scores = krr_sensitivity(d.x_train, d.labels_train, C, kernel_fn=kernel_fn,
-                                 get=cfg.get, landmarks_per_class=cfg.landmarks_per_class,
-                                 progress=progress)
-    if t_sens is None:
-        t_sens = time.perf_counter() - t0
-        say(f"{cfg.init_sensitivity} sensitivities of {len(scores)} points: {t_sens:.1f} s")
-    else:
-        scores = np.asarray(scores, np.float64)
-        if scores.shape != (len(d.x_train),):
-            raise ValueError(f"scores must have one entry per training image, shape "
-                             f"({len(d.x_train)},), got {scores.shape}.")
-
-    picks: dict = {}
-    for ipc in cfg.ipcs:
-        picks[ipc] = {
-            "uniform": [uniform_init(s, d.labels_train, ipc, C) for s in cfg.seeds],
-            "importance": [sample_init(s, scores, d.labels_train, ipc, C,
-                                       min_dist=cfg.min_dist, x=d.x_train) for s in cfg.seeds],
-        }
-
-    def krr_acc(x_s, y_s):
-        return krr.krr_evaluate(kernel_fn, jnp.asarray(x_s), y_s, d.x_test[:n_test],
-                                d.labels_test[:n_test], reg=cfg.reg, get=cfg.get,
-                                block_size=min(1000, n_test))["accuracy"]
-
-    if cfg.ls_targets is None or cfg.ls_targets >= len(d.x_train):
-        ls_idx = np.arange(len(d.x_train))
-    else:
-        ls_idx = np.sort(np.random.default_rng([0x15]).choice(len(d.x_train), cfg.ls_targets,
-                                                              replace=False))
-    rows = []
-    for method in cfg.methods:
-        for ipc in cfg.ipcs:
-            for init in ("uniform", "importance"):
-                for batches in (("-",) if method == "ls" else ("uniform", "importance")):
-                    t0 = time.perf_counter()
-                    accs, init_accs, curves, eval_steps = [], [], [], None
-                    for si, seed in enumerate(cfg.seeds):
-                        idx = picks[ipc][init][si]
-                        start = initial_support(d, idx)
-                        if method == "ls":
-                            init_accs.append(krr_acc(start["images"], start["labels"]))
-                            y_s = krr.label_solve(
-                                kernel_fn, start["images"], d.x_train[ls_idx],
-                                krr._one_hot_np(d.labels_train[ls_idx], C, True, np.float32),
-                                reg=cfg.reg, get=cfg.get)
-                            accs.append(krr_acc(start["images"], y_s))
-                            continue
-                        config = dataclasses.replace(base, ipc=ipc, seed=seed)
-                        sampler = None
-                        if batches == "importance":
-                            sampler = ImportanceSampler.for_kip(
-                                config, d, refresh_every=cfg.refresh_every, mix=cfg.mix,
-                                weighted=cfg.weighted, pool_size=cfg.pool_size)
-                        res = kip.run(config, d, initial=start, batch_sampler=sampler,
-                                      progress=False)
-                        h = res.history
-                        accs.append(h["test_acc"][-1])
-                        init_accs.append(h["test_acc"][0])
-                        curves.append(h["test_acc"])
-                        eval_steps = h["eval_step"]
-                    mean, std = _mean_std(accs)
-                    row = {"method": method, "ipc": ipc, "init": init, "batches": batches,
-                           "accs": accs, "mean": mean, "std": std, "init_accs": init_accs,
-                           "init_mean": _mean_std(init_accs)[0],
-                           "seconds": time.perf_counter() - t0}
-                    if curves:
-                        c = np.asarray(curves)
-                        row["curve"] = {"eval_step": eval_steps,
-                                        "test_acc": c.mean(0).tolist(),
-                                        "test_acc_std": (c.std(0, ddof=1) if len(c) > 1
-                                                         else 0 * c[0]).tolist()}
-                    rows.append(row)
-                    say(f"{method.upper():3s} ipc={ipc:<3d} init={init:10s} batches="
-                        f"{batches:10s} acc {100 * mean:6.2f} +- {100 * std:5.2f}  "
-                        f"({row['seconds']:.0f} s)")
-    return {
-        "config": dataclasses.asdict(cfg),
-        "n_test": n_test,
-        "rows": rows,
-        "picks": {ipc: {k: [np.asarray(p).tolist() for p in v] for k, v in pk.items()}
-                  for ipc, pk in picks.items()},
-        "sensitivity_seconds": t_sens,
-        "seconds": time.perf_counter() - t_all,
-    }
-
-
-def ablation_table(result: dict) -> str:
-    """The ablation's rows as a plain-text table (accuracy in %, mean +- std over seeds)."""
-    lines = [f"{'method':6s} {'ipc':>4s} {'init':>11s} {'batches':>11s} {'start':>7s} "
-             f"{'final':>15s} {'seeds':>5s}"]
-    for r in result["rows"]:
-        lines.append(
-            f"{r['method'].upper():6s} {r['ipc']:4d} {r['init']:>11s} {r['batches']:>11s} "
-            f"{100 * r['init_mean']:7.2f} {100 * r['mean']:7.2f} +- {100 * r['std']:4.2f} "
-            f"{len(r['accs']):5d}"
-        )
-    return "\n".join(lines)

@@ -67,11 +67,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +79,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from kipnb import augment as augment_lib
-from kipnb import checkpoint, experts, nets
+from kipnb import experts, loop, nets
 from kipnb.checks import is_int as _is_int
 from kipnb.distilled import DistilledSet
 
@@ -90,16 +89,21 @@ __all__ = [
     "LOOPS",
     "METHODS",
     "PARAMETER_SETS",
+    "TMBatch",
     "TMConfig",
     "TMNumericalError",
     "TMResult",
+    "TMState",
     "distill_setting",
+    "init",
     "init_labels",
     "init_synthetic",
+    "iteration_batch",
     "matching_loss",
     "normalized_distance",
     "run",
     "start_epoch_window",
+    "update",
 ]
 
 METHODS = ("mtt", "datm")
@@ -613,6 +617,166 @@ def _draw(config: TMConfig, iteration: int, num_experts: int, n: int):
     return expert, start, hi, idx, keys
 
 
+# ----------------------------------------------------------------- the step functions
+
+
+class TMState(NamedTuple):
+    """The state of a trajectory-matching run.
+
+    Attributes:
+      images: ``(n, H, W, C)`` synthetic images (model space).
+      labels: ``(n, C)`` one-hot labels (MTT) or learned logits (DATM).
+      lr: the student's learned learning rate (0-d).
+      opt_state: ``dict(images=, lr=, labels=)``: the optax SGD-with-momentum states.
+    """
+
+    images: Any
+    labels: Any
+    lr: Any
+    opt_state: dict
+
+
+class TMBatch(NamedTuple):
+    """What one iteration matches: an expert's segment and the student's minibatches.
+
+    Attributes:
+      start: the expert's flat parameters at ``start_epoch``.
+      target: its flat parameters ``expert_epochs`` later.
+      idx: ``(syn_steps, batch)`` synthetic-image indices of the student's minibatches.
+      keys: ``(syn_steps,)`` augmentation keys.
+      expert: the expert's index.
+      start_epoch: the start epoch.
+      window_hi: the upper end of the start-epoch window at this iteration.
+    """
+
+    start: Any
+    target: Any
+    idx: Any
+    keys: Any
+    expert: int
+    start_epoch: int
+    window_hi: int
+
+
+def _optimizers(config: TMConfig):
+    return (optax.sgd(config.lr_img, momentum=config.momentum_img),
+            optax.sgd(config.lr_lr, momentum=config.momentum_lr),
+            optax.sgd(config.lr_label, momentum=config.momentum_label))
+
+
+def init(config: TMConfig, data: experts.TMData, trajectories: experts.Trajectories | None = None,
+         *, initial: dict | None = None) -> TMState:
+    """The starting :class:`TMState`: synthetic images and labels, the student lr, SGD states.
+
+    Args:
+      config: a :class:`TMConfig`.
+      data: the experts' data (:func:`kipnb.experts.prepare`).
+      trajectories: the experts (needed for ``init='correct'`` and soft labels).
+      initial: ``dict(images=(C * ipc, H, W, C_in), labels=(C * ipc, C))`` to start from
+        instead of ``config.init``.
+
+    Returns:
+      A :class:`TMState` (images class by class, ``ipc`` per class).
+
+    Example:
+      >>> d = experts.prepare("digits")  # doctest: +SKIP
+      >>> s = init(TMConfig(ipc=1, init="noise"), d)  # doctest: +SKIP
+      >>> s.images.shape, float(s.lr)  # doctest: +SKIP
+      ((10, 8, 8, 1), 0.01)
+    """
+    C = data.num_classes
+    if initial is None:
+        classes = np.repeat(np.arange(C), config.ipc).astype(np.int32)
+        images = init_synthetic(config, data, trajectories)
+        labels = init_labels(config, images, classes, trajectories)
+    else:
+        images = np.asarray(initial["images"], np.float32)
+        labels = np.asarray(initial["labels"], np.float32)
+        if images.shape != (C * config.ipc, *data.image_shape) or labels.shape != (len(images), C):
+            raise ValueError(
+                f"initial images/labels must have shapes {(C * config.ipc, *data.image_shape)} "
+                f"and {(C * config.ipc, C)}; got {images.shape} and {labels.shape}."
+            )
+    if config.batch_syn is not None and config.batch_syn > len(images):
+        raise ValueError(
+            f"batch_syn={config.batch_syn} exceeds the {len(images)} synthetic images.")
+    opt_img, opt_lr, opt_lab = _optimizers(config)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    lr = jnp.asarray(config.lr_teacher, jnp.float32)
+    return TMState(images, labels, lr, {"images": opt_img.init(images), "lr": opt_lr.init(lr),
+                                        "labels": opt_lab.init(labels)})
+
+
+def iteration_batch(config: TMConfig, trajectories: experts.Trajectories, iteration: int,
+                    state: TMState) -> TMBatch:
+    """What iteration ``iteration`` (0-based) matches: a function of ``(seed, iteration)``.
+
+    Args:
+      config: a :class:`TMConfig`.
+      trajectories: the experts.
+      iteration: the iteration index, 0-based.
+      state: the current state (only the number of synthetic images is used).
+
+    Returns:
+      A :class:`TMBatch`.
+
+    Example:
+      >>> b = iteration_batch(cfg, traj, 0, state)  # doctest: +SKIP
+      >>> b.idx.shape == (cfg.syn_steps, len(state.images))  # doctest: +SKIP
+      True
+    """
+    expert, start_ep, hi, idx, keys = _draw(config, iteration, trajectories.num_experts,
+                                            len(state.images))
+    return TMBatch(jnp.asarray(trajectories.params[expert, start_ep]),
+                   jnp.asarray(trajectories.params[expert, start_ep + config.expert_epochs]),
+                   jnp.asarray(idx), keys, expert, start_ep, hi)
+
+
+def update(config: TMConfig, trajectories: experts.Trajectories, state: TMState,
+           batch: TMBatch) -> tuple[TMState, dict]:
+    """One MTT/DATM iteration: unroll the student, the matching loss, SGD on images/lr/labels.
+
+    Args:
+      config: a :class:`TMConfig`.
+      trajectories: the experts (their network).
+      state: the current :class:`TMState`.
+      batch: the iteration's :class:`TMBatch` (:func:`iteration_batch`).
+
+    Returns:
+      ``(new_state, metrics)``; ``metrics``: ``loss`` (before the update), ``start_epoch``,
+      ``window_hi``, ``expert``, ``lr`` (the student lr after the update), ``skipped``
+      (DATM's threshold) and ``finite`` (False: loss or gradient NaN/Inf, and the state
+      is returned unchanged).
+
+    Example:
+      >>> batch = iteration_batch(cfg, traj, 0, state)  # doctest: +SKIP
+      >>> state, metrics = update(cfg, traj, state, batch)  # doctest: +SKIP
+    """
+    matcher = _matcher_for(trajectories.net, trajectories.template, config)
+    loss, (g_im, g_lab, g_lr) = matcher(state.images, state.labels, state.lr,
+                                        batch.start, batch.target, batch.idx, batch.keys)
+    loss = float(loss)
+    finite = math.isfinite(loss) and all(bool(jnp.all(jnp.isfinite(g)))
+                                         for g in (g_im, g_lab, g_lr))
+    skipped = config.threshold is not None and loss > config.threshold
+    new = state
+    if finite and not skipped:
+        opt_img, opt_lr, opt_lab = _optimizers(config)
+        opt = dict(state.opt_state)
+        u, opt["images"] = opt_img.update(g_im, opt["images"])
+        images = optax.apply_updates(state.images, u)
+        u, opt["lr"] = opt_lr.update(g_lr, opt["lr"])
+        lr = optax.apply_updates(state.lr, u)
+        labels = state.labels
+        if config.soft_labels:
+            u, opt["labels"] = opt_lab.update(g_lab, opt["labels"])
+            labels = optax.apply_updates(state.labels, u)
+        new = TMState(images, labels, lr, opt)
+    return new, {"loss": loss, "start_epoch": batch.start_epoch, "window_hi": batch.window_hi,
+                 "expert": batch.expert, "lr": float(new.lr), "skipped": bool(skipped),
+                 "finite": finite}
+
+
 # ---------------------------------------------------------------------------- the run
 
 
@@ -676,6 +840,9 @@ def run(
 ) -> TMResult:
     """Distill ``data`` by MTT or DATM against the experts' ``trajectories``.
 
+    This is :func:`kipnb.loop.run` over the public step functions :func:`init`,
+    :func:`iteration_batch` and :func:`update` (call those to own the loop).
+
     Args:
       config: a :class:`TMConfig`.
       data: the experts' data (:func:`kipnb.experts.prepare`).
@@ -700,145 +867,66 @@ def run(
     _check(config, data, trajectories)
     C = data.num_classes
     classes = np.repeat(np.arange(C), config.ipc).astype(np.int32)
-    if initial is None:
-        images = init_synthetic(config, data, trajectories)
-        labels = init_labels(config, images, classes, trajectories)
-    else:
-        images = np.asarray(initial["images"], np.float32)
-        labels = np.asarray(initial["labels"], np.float32)
-        if images.shape != (C * config.ipc, *data.image_shape) or labels.shape != (len(images), C):
-            raise ValueError(
-                f"initial images/labels must have shapes {(C * config.ipc, *data.image_shape)} "
-                f"and {(C * config.ipc, C)}; got {images.shape} and {labels.shape}."
-            )
-    n = len(images)
-    if config.batch_syn is not None and config.batch_syn > n:
-        raise ValueError(f"batch_syn={config.batch_syn} exceeds the {n} synthetic images.")
-
-    opt_img = optax.sgd(config.lr_img, momentum=config.momentum_img)
-    opt_lr = optax.sgd(config.lr_lr, momentum=config.momentum_lr)
-    opt_lab = optax.sgd(config.lr_label, momentum=config.momentum_label)
-    state = {
-        "images": jnp.asarray(images),
-        "labels": jnp.asarray(labels),
-        "lr": jnp.asarray(config.lr_teacher, jnp.float32),
-    }
-    opt_state = {"images": opt_img.init(state["images"]), "lr": opt_lr.init(state["lr"]),
-                 "labels": opt_lab.init(state["labels"])}
-    history, start_it, elapsed = _empty_history(), 0, 0.0
-
+    state = init(config, data, trajectories, initial=initial)
     cfg_dict = config.as_dict()
     fingerprint = f"{data.fingerprint()}/{trajectories.meta.get('fingerprint', '')}/" \
                   f"{trajectories.num_experts}x{trajectories.epochs}"
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.exists():
-        checkpoint.check_resumable(ckpt, cfg_dict, fingerprint, what="trajectory-matching",
-                                   free=_FREE, data_why="the data or the experts differ")
-        loaded, meta = checkpoint.load(ckpt, {"state": state, "opt": opt_state})
-        state = jax.tree_util.tree_map(jnp.asarray, loaded["state"])
-        opt_state = jax.tree_util.tree_map(jnp.asarray, loaded["opt"])
-        history, start_it, elapsed = meta["history"], int(meta["iteration"]), float(meta["elapsed"])
-    saved = [start_it] if ckpt is not None and start_it > 0 else []
     last_eval: list = [None]
-    if history["eval"] and history["eval_iteration"][-1] == start_it:
+
+    def pack(s: TMState) -> dict:
+        return {"state": {"images": s.images, "labels": s.labels, "lr": s.lr},
+                "opt": s.opt_state}
+
+    def unpack(tree: dict) -> TMState:
+        tree = jax.tree_util.tree_map(jnp.asarray, tree)
+        st = tree["state"]
+        return TMState(st["images"], st["labels"], st["lr"], tree["opt"])
+
+    def evaluate(s: TMState, it: int) -> dict:
+        res = experts.evaluate(np.asarray(s.images), _eval_labels(config, s), data,
+                               trajectories.net, lr=float(s.lr), config=config.evaluation)
+        last_eval[0] = res
+        return {"test_acc": res.mean, "test_std": res.std, "eval": dataclasses.asdict(res)}
+
+    def nan_error(it: int, metrics: dict, kept: str) -> Exception:
+        return TMNumericalError(
+            f"{config.method.upper()} iteration {it}: the matching loss or its "
+            f"gradient is NaN/Inf (loss={metrics['loss']}, student lr={metrics['lr']:.4g}); "
+            f"the update was not applied. {kept} Fixes: lower lr_img (now "
+            f"{config.lr_img:g}) or lr_lr (now {config.lr_lr:g}), or take fewer "
+            f"syn_steps (now {config.syn_steps})."
+        )
+
+    def postfix(metrics: dict, history: dict) -> dict:
+        post = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.4g}"}
+        if history["test_acc"]:
+            post["test_acc"] = f"{history['test_acc'][-1]:.4f}"
+        return post
+
+    user_callback = callback
+    if callback is not None:
+        def callback(info):  # noqa: F811 (the user's callback with images and labels)
+            s = info.pop("state")
+            return user_callback({**info, "images": s.images, "labels": s.labels})
+
+    out = loop.run(
+        state, functools.partial(update, config, trajectories), config.iterations,
+        batch_fn=lambda it, s: iteration_batch(config, trajectories, it, s),
+        history=_empty_history(), step_key="iteration",
+        evaluate=evaluate, eval_every=config.eval_every, eval_at_end=config.eval_at_end,
+        checkpoint_path=None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME,
+        checkpoint_every=config.checkpoint_every, config=cfg_dict, fingerprint=fingerprint,
+        free=_FREE, what="trajectory-matching", data_why="the data or the experts differ",
+        pack=pack, unpack=unpack, nan_error=nan_error, callback=callback,
+        progress_bar=progress, desc=config.method.upper(), postfix=postfix,
+    )
+    history, state = out.history, out.state
+    if last_eval[0] is None and history["eval"] and history["eval_iteration"][-1] == out.step:
         e = history["eval"][-1]
         last_eval[0] = experts.EvalResult(**{**e, "accuracies": tuple(e["accuracies"]),
                                              "train_accuracy": tuple(e["train_accuracy"])})
-
-    matcher = _matcher_for(trajectories.net, trajectories.template, config)
-    t0 = time.perf_counter()
-
-    def save(it):
-        if ckpt is None:
-            return
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(ckpt, {"state": state, "opt": opt_state},
-                        {"iteration": it, "config": cfg_dict, "data": fingerprint,
-                         "history": history, "elapsed": elapsed + time.perf_counter() - t0})
-        saved[:] = [it]
-
-    def evaluate(it):
-        res = experts.evaluate(np.asarray(state["images"]), _eval_labels(config, state),
-                               data, trajectories.net, lr=float(state["lr"]),
-                               config=config.evaluation)
-        history["eval_iteration"].append(it)
-        history["test_acc"].append(res.mean)
-        history["test_std"].append(res.std)
-        history["eval"].append(dataclasses.asdict(res))
-        history["wall_time"].append(elapsed + time.perf_counter() - t0)
-        last_eval[0] = res
-        return res.mean
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.iterations, initial=min(start_it, config.iterations),
-                   desc=config.method.upper(), leave=True)
-    try:
-        for it in range(start_it, config.iterations):
-            expert, start_ep, hi, idx, keys = _draw(config, it, trajectories.num_experts, n)
-            start = jnp.asarray(trajectories.params[expert, start_ep])
-            target = jnp.asarray(trajectories.params[expert, start_ep + config.expert_epochs])
-            loss, (g_im, g_lab, g_lr) = matcher(state["images"], state["labels"], state["lr"],
-                                                start, target, jnp.asarray(idx), keys)
-            loss = float(loss)
-            finite = math.isfinite(loss) and all(
-                bool(jnp.all(jnp.isfinite(g))) for g in (g_im, g_lab, g_lr))
-            if not finite:
-                kept = (f"The last good checkpoint ({ckpt}, iteration {saved[0]}) was kept."
-                        if saved else "No checkpoint was written yet.")
-                raise TMNumericalError(
-                    f"{config.method.upper()} iteration {it + 1}: the matching loss or its "
-                    f"gradient is NaN/Inf (loss={loss}, student lr={float(state['lr']):.4g}); "
-                    f"the update was not applied. {kept} Fixes: lower lr_img (now "
-                    f"{config.lr_img:g}) or lr_lr (now {config.lr_lr:g}), or take fewer "
-                    f"syn_steps (now {config.syn_steps})."
-                )
-            skipped = config.threshold is not None and loss > config.threshold
-            if not skipped:
-                u, opt_state["images"] = opt_img.update(g_im, opt_state["images"])
-                state["images"] = optax.apply_updates(state["images"], u)
-                u, opt_state["lr"] = opt_lr.update(g_lr, opt_state["lr"])
-                state["lr"] = optax.apply_updates(state["lr"], u)
-                if config.soft_labels:
-                    u, opt_state["labels"] = opt_lab.update(g_lab, opt_state["labels"])
-                    state["labels"] = optax.apply_updates(state["labels"], u)
-            done = it + 1
-            lr_now = float(state["lr"])
-            for k, v in (("iteration", done), ("loss", loss), ("start_epoch", start_ep),
-                         ("window_hi", hi), ("expert", expert), ("lr", lr_now),
-                         ("skipped", bool(skipped))):
-                history[k].append(v)
-            info = {"iteration": done, "step": done, "loss": loss, "start_epoch": start_ep,
-                    "window_hi": hi, "lr": lr_now, "skipped": bool(skipped),
-                    "last": done == config.iterations,
-                    "images": state["images"], "labels": state["labels"]}
-            if config.eval_every and done % config.eval_every == 0 and done < config.iterations:
-                info["test_acc"] = evaluate(done)
-            every = config.checkpoint_every
-            if ckpt is not None and ((every and done % every == 0) or done == config.iterations):
-                save(done)
-            if bar is not None:
-                bar.update(1)
-                post = {"loss": f"{loss:.4f}", "lr": f"{lr_now:.4g}"}
-                if history["test_acc"]:
-                    post["test_acc"] = f"{history['test_acc'][-1]:.4f}"
-                bar.set_postfix(post, refresh=False)
-            if callback is not None:
-                callback(info)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    if config.eval_at_end and (not history["eval_iteration"]
-                               or history["eval_iteration"][-1] != config.iterations):
-        evaluate(config.iterations)
-        if ckpt is not None:
-            save(config.iterations)
-    history["seconds"] = elapsed + time.perf_counter() - t0
-    images_out = np.asarray(state["images"], np.float32)
-    labels_out = np.asarray(state["labels"], np.float32)
+    images_out = np.asarray(state.images, np.float32)
+    labels_out = np.asarray(state.labels, np.float32)
     res = last_eval[0]
     distilled = DistilledSet(
         images=images_out,
@@ -847,7 +935,7 @@ def run(
         num_classes=C,
         classes=classes,
         transform=data.transform,
-        lr=float(state["lr"]),
+        lr=float(state.lr),
         source={"method": config.method, "learner": dataclasses.asdict(trajectories.net),
                 "config": {"tm": cfg_dict, "experts": dataclasses.asdict(trajectories.config)},
                 "dataset": data.dataset, "ipc": config.ipc,
@@ -859,9 +947,9 @@ def run(
         },
     )
     return TMResult(distilled=distilled, history=history, config=config, images=images_out,
-                    labels=labels_out, lr=float(state["lr"]), evaluation=res)
+                    labels=labels_out, lr=float(state.lr), evaluation=res)
 
 
-def _eval_labels(config: TMConfig, state) -> np.ndarray:
-    labels = np.asarray(state["labels"])
+def _eval_labels(config: TMConfig, state: TMState) -> np.ndarray:
+    labels = np.asarray(state.labels)
     return labels if config.soft_labels else labels.argmax(1).astype(np.int32)
