@@ -1,6 +1,7 @@
 """Infrastructure under the methods: checkpoints, devices, input checks, results files,
 figures and Colab support.
 
+* :mod:`kipnb.loop` -- the long-run driver: checkpoints, exact resume, NaN stop, history.
 * :mod:`kipnb.checkpoint` -- atomic checkpoints that resume exactly.
 * :mod:`kipnb.shard` -- kernel blocks and batches across ``jax.devices()``.
 * :mod:`kipnb.checks` -- shared input validation.
