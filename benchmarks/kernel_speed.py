@@ -115,7 +115,7 @@ def measure_all(library: str, arrays: dict, settings: dict) -> tuple[list[dict],
         from neural_tangents import stax
 
     rows, values = [], {}
-    for arch in ARCHS:
+    for arch in settings.get("archs", ARCHS):
         _, _, kernel_fn = build(stax, arch)
         for name in INPUTS:
             x1 = jnp.asarray(arrays[f"{arch}/{name}/x1"])
@@ -398,6 +398,8 @@ def main(argv=None) -> int:
                     help="keep timing (up to --max-repeats calls) until this many seconds")
     ap.add_argument("--suites", default="throughput,colab",
                     help="comma-separated: throughput (FC-3/ConvNet-3 pairs/s), colab")
+    ap.add_argument("--archs", default=",".join(ARCHS),
+                    help="comma-separated architectures of the throughput suite")
     ap.add_argument("--colab-calls", type=int, default=5,
                     help="timed calls of the FC-1 step and forward rows (after the first)")
     ap.add_argument("--worker", choices=("kipnb", "nt"), help=argparse.SUPPRESS)
@@ -415,7 +417,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     settings = {"conv_n": args.conv_n, "fc_n": args.fc_n, "repeats": args.repeats,
                 "max_repeats": args.max_repeats, "min_time_s": args.min_time,
-                "suites": args.suites.split(","), "colab_support": 100, "colab_targets": 5000,
+                "suites": args.suites.split(","), "archs": args.archs.split(","),
+                "colab_support": 100, "colab_targets": 5000,
                 "colab_calls": args.colab_calls, "label_solve_targets": [10000, 60000],
                 "conv_support": 10, "conv_targets": 100, "myrtle_n1": 2, "myrtle_n2": 4}
     arrays = make_inputs(settings)
