@@ -83,7 +83,8 @@ and their self pass runs on ``x1`` and ``x2`` separately instead of on a copy of
 calls one ``jax.jit``-compiled function, cached per network and input shapes, so
 repeated eager calls do not retrace. On the 2-core CPU this was developed on, the
 ConvNet-3 NTK (with pooling) ran 20-50x faster than neural-tangents 0.6.5 (forward, and
-forward + gradient); dense kernels are between 0.4x (FC-3 gradients) and 4x, see
+forward + gradient); dense kernels are between 0.9x (the float64 FC-1 KIP step) and
+4x, and their first calls (compilation) 0.2-0.5x, see
 ``benchmarks/kernel_speed.py``, its saved results and the README.
 
 Numerics
@@ -101,9 +102,18 @@ w.r.t. ``x1`` and ``x2`` stays finite:
   set to exactly 0: the angle is then exactly 0 instead of ``sqrt(eps)``-noisy (float64
   NTK diagonals of ``kernel_fn(x, x)`` equal the exact angle-0 value to ~1e-15, not
   ~1e-8; tested);
-* a custom JVP gives the square root derivative 0 at 0, and ``arctan2`` a derivative
-  with a floored denominator, the choices neural-tangents' ``_sqrt``/``_arctan2`` make
-  (the subgradient 0 at the NTK's cusp, the exact derivative of the NNGP).
+* the square root gets derivative 0 at 0, and ``arctan2`` a derivative with a floored
+  denominator, the choices neural-tangents' ``_sqrt``/``_arctan2`` make (the subgradient
+  0 at the NTK's cusp, the exact derivative of the NNGP). For the ReLU family these
+  derivatives are written out as one VJP of the whole kernel (``custom_vjp``; it
+  recomputes the angle from ``k12, k11, k22`` instead of storing a chain of ``where``
+  residuals), which made the backward pass ~10-25% cheaper in CPU time; ``Erf`` uses
+  custom JVPs. (Forward-mode ``jax.jvp`` through ReLU kernels is therefore not
+  available; ``jax.grad``/``vjp`` are.)
+
+``precision=HIGHEST`` costs nothing on CPU (float32 and float64 matmuls gave identical
+values and times with and without it on JAX 0.10.2) and keeps accelerators from rounding
+the inputs to bfloat16/TF32.
 
 ``arctan2`` itself is evaluated with the Cephes polynomial (float32) / rational
 (float64) approximations to full precision (tested against ``numpy.arctan2``), because
