@@ -23,6 +23,8 @@ CPUs) does not favour either library. Usage::
     .venv/bin/python benchmarks/kernel_speed.py --out benchmarks/results/kernel_speed_cpu.json \\
         --nt-python build/ntenv/bin/python
 
+(or set ``KIPNB_NT_PYTHON`` to that Python instead of passing ``--nt-python``).
+
 The *colab* suite (``--suites colab``, on by default) times the settings of Google
 Research's ``kip/KIP.ipynb`` colab (FC-1 NTK with ``W_std = sqrt(2)``, ``b_std = 0.1``,
 ``KERNEL_FN = jax.jit(partial(kernel_fn, get='ntk'))``) in float32 and float64, on
@@ -30,7 +32,9 @@ deterministic random 28x28x1 inputs generated inside each worker from the same s
 
 * ``FC-1 KIP step``: ``jax.value_and_grad`` of the colab's loss (``kernel_fn(x_s, x_s)``,
   ``solve(..., assume_a='pos')``, ``reg = 1e-6``) w.r.t. the 100 support images, 5000
-  targets; its first call (tracing + compilation + one step) is the *compile* row;
+  targets; its first call (tracing + compilation + one step) is the *first call* column,
+  and two extra rows time a fresh copy's ``jax.jit(...).lower(...)`` (tracing and
+  lowering to StableHLO) and ``.compile()`` (XLA) separately (one call each);
 * ``FC-1 K_ts forward``: ``KERNEL_FN(x_t, x_s)``, 5000 x 100;
 * ``FC-1 Label Solve``: 100 support images, 10000 and 60000 targets in blocks of 1000
   (kipnb: ``kipnb.krr.label_solve``; neural-tangents: the same normal-equation
@@ -111,7 +115,7 @@ def measure_all(library: str, arrays: dict, settings: dict) -> tuple[list[dict],
         from neural_tangents import stax
 
     rows, values = [], {}
-    for arch in ARCHS:
+    for arch in settings.get("archs", ARCHS):
         _, _, kernel_fn = build(stax, arch)
         for name in INPUTS:
             x1 = jnp.asarray(arrays[f"{arch}/{name}/x1"])
@@ -271,6 +275,21 @@ def measure_colab(library: str, settings: dict) -> list[dict]:
             pred = jnp.dot(k_ts, sp.linalg.solve(k_reg, y_support, assume_a="pos"))
             return 0.5 * jnp.mean((pred - y_target) ** 2)
 
+        # Compile time on its own: tracing + lowering, then XLA compilation (a fresh jit,
+        # so the timed step below still measures its own first call).
+        t0 = time.perf_counter()
+        lowered = jax.jit(jax.value_and_grad(loss)).lower(xs, ys, xt, yt)
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        rows.append({"case": "FC-1 KIP step: trace + lower", "dtype": dtype,
+                     "first_call_s": t1 - t0, "median_s": t1 - t0, "times_s": [t1 - t0],
+                     "timed_calls": 1, "pairs": None})
+        rows.append({"case": "FC-1 KIP step: XLA compile", "dtype": dtype,
+                     "first_call_s": t2 - t1, "median_s": t2 - t1, "times_s": [t2 - t1],
+                     "timed_calls": 1, "pairs": None})
+        print(f"  [{library}] FC-1 KIP step trace+lower {t1 - t0:.2f} s, compile "
+              f"{t2 - t1:.2f} s ({dtype})", flush=True)
         step = jax.jit(jax.value_and_grad(loss))
         timed(f"FC-1 KIP step {n_s}x{n_t}", dtype, step, (xs, ys, xt, yt),
               settings["colab_calls"], n_s * n_t)
@@ -368,7 +387,9 @@ def git_commit() -> str | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=False, help="JSON file to write the results to")
-    ap.add_argument("--nt-python", help="python of an environment with neural-tangents 0.6.5")
+    ap.add_argument("--nt-python", default=os.environ.get("KIPNB_NT_PYTHON"),
+                    help="python of an environment with neural-tangents 0.6.5 (default: "
+                         "$KIPNB_NT_PYTHON; none: kipnb only)")
     ap.add_argument("--conv-n", type=int, default=8, help="images per side for ConvNet-3")
     ap.add_argument("--fc-n", type=int, default=512, help="inputs per side for FC-3")
     ap.add_argument("--repeats", type=int, default=3, help="minimum timed calls per case")
@@ -377,6 +398,8 @@ def main(argv=None) -> int:
                     help="keep timing (up to --max-repeats calls) until this many seconds")
     ap.add_argument("--suites", default="throughput,colab",
                     help="comma-separated: throughput (FC-3/ConvNet-3 pairs/s), colab")
+    ap.add_argument("--archs", default=",".join(ARCHS),
+                    help="comma-separated architectures of the throughput suite")
     ap.add_argument("--colab-calls", type=int, default=5,
                     help="timed calls of the FC-1 step and forward rows (after the first)")
     ap.add_argument("--worker", choices=("kipnb", "nt"), help=argparse.SUPPRESS)
@@ -394,7 +417,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     settings = {"conv_n": args.conv_n, "fc_n": args.fc_n, "repeats": args.repeats,
                 "max_repeats": args.max_repeats, "min_time_s": args.min_time,
-                "suites": args.suites.split(","), "colab_support": 100, "colab_targets": 5000,
+                "suites": args.suites.split(","), "archs": args.archs.split(","),
+                "colab_support": 100, "colab_targets": 5000,
                 "colab_calls": args.colab_calls, "label_solve_targets": [10000, 60000],
                 "conv_support": 10, "conv_targets": 100, "myrtle_n1": 2, "myrtle_n2": 4}
     arrays = make_inputs(settings)

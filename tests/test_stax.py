@@ -759,3 +759,45 @@ def test_random_features_converge_to_convnet_nngp_at_the_predicted_rate():
     assert error(wide, 32) < 0.7 * error(wide, 8), (error(wide, 8), error(wide, 32))
     assert error(wide, 2) < 0.7 * error(narrow, 2), (error(narrow, 2), error(wide, 2))
     assert error(wide, m) < 0.06
+
+@pytest.mark.parametrize("a, b", [(0.0, 1.0), (-1.0, 1.0), (0.2, 1.5)])
+def test_arccos_vjp_matches_autodiff_of_the_formula(a, b):
+    """The written-out VJP of the ReLU-family kernel equals autodiff of its closed form
+    (away from the boundary), with broadcast variances summed back to their shapes, and
+    is 0 through the square root on the boundary (an image paired with itself)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal((7, 9))
+        y = rng.standard_normal((5, 9))
+        k11 = jnp.asarray(np.sum(x * x, 1)[:, None] / 9 + 0.1)
+        k22 = jnp.asarray(np.sum(y * y, 1)[None] / 9 + 0.1)
+        k12 = jnp.asarray(x @ y.T / 9 + 0.1)
+        w = jnp.asarray(rng.standard_normal((2, 7, 5)))
+
+        def closed(k12, k11, k22):
+            root = jnp.sqrt(k11 * k22 - k12 * k12)
+            angle = jnp.arctan2(root, k12)
+            f = (a - b) ** 2 / (2 * math.pi)
+            dot = (a * a + b * b) / 2 - f * angle
+            return f * root + dot * k12, dot
+
+        def loss(fn, *args):
+            nngp, dot = fn(*args)
+            return jnp.sum(w[0] * nngp) + jnp.sum(w[1] * dot)
+
+        layer = stax._ABRelu(a, b, "test")
+        ours = jax.grad(lambda *k: loss(lambda *kk: layer.cross(*kk, True), *k),
+                        argnums=(0, 1, 2))(k12, k11, k22)
+        ref = jax.grad(lambda *k: loss(closed, *k), argnums=(0, 1, 2))(k12, k11, k22)
+        for g, r in zip(ours, ref, strict=True):
+            assert g.shape == r.shape
+            np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
+        # On the boundary (k12**2 == k11 * k22): the square root's derivative is 0, so
+        # only the dot * k12 term and d(dot)/dk12 = 0 (angle pinned at 0) remain.
+        v = jnp.asarray([1.3, 0.7])
+        g12, g11, g22 = jax.grad(lambda k12, k11, k22: jnp.sum(layer.cross(k12, k11, k22,
+                                                                          False)[0]),
+                                 argnums=(0, 1, 2))(v, v, v)
+        np.testing.assert_allclose(g12, [(a * a + b * b) / 2] * 2, rtol=1e-12)
+        np.testing.assert_allclose(g11, [0, 0], atol=0)
+        np.testing.assert_allclose(g22, [0, 0], atol=0)

@@ -89,7 +89,8 @@ and their self pass runs on ``x1`` and ``x2`` separately instead of on a copy of
 calls one ``jax.jit``-compiled function, cached per network and input shapes, so
 repeated eager calls do not retrace. On the 2-core CPU this was developed on, the
 ConvNet-3 NTK (with pooling) ran 20-50x faster than neural-tangents 0.6.5 (forward, and
-forward + gradient); dense kernels are between 0.4x (FC-3 gradients) and 4x, see
+forward + gradient); dense kernels are between 0.9x (the float64 FC-1 KIP step) and
+4x, and their first calls (compilation) 0.2-0.5x, see
 ``benchmarks/kernel_speed.py``, its saved results and the README.
 
 Numerics
@@ -107,9 +108,18 @@ w.r.t. ``x1`` and ``x2`` stays finite:
   set to exactly 0: the angle is then exactly 0 instead of ``sqrt(eps)``-noisy (float64
   NTK diagonals of ``kernel_fn(x, x)`` equal the exact angle-0 value to ~1e-15, not
   ~1e-8; tested);
-* a custom JVP gives the square root derivative 0 at 0, and ``arctan2`` a derivative
-  with a floored denominator, the choices neural-tangents' ``_sqrt``/``_arctan2`` make
-  (the subgradient 0 at the NTK's cusp, the exact derivative of the NNGP).
+* the square root gets derivative 0 at 0, and ``arctan2`` a derivative with a floored
+  denominator, the choices neural-tangents' ``_sqrt``/``_arctan2`` make (the subgradient
+  0 at the NTK's cusp, the exact derivative of the NNGP). For the ReLU family these
+  derivatives are written out as one VJP of the whole kernel (``custom_vjp``; it
+  recomputes the angle from ``k12, k11, k22`` instead of storing a chain of ``where``
+  residuals), which made the backward pass ~10-25% cheaper in CPU time; ``Erf`` uses
+  custom JVPs. (Forward-mode ``jax.jvp`` through ReLU kernels is therefore not
+  available; ``jax.grad``/``vjp`` are.)
+
+``precision=HIGHEST`` costs nothing on CPU (float32 and float64 matmuls gave identical
+values and times with and without it on JAX 0.10.2) and keeps accelerators from rounding
+the inputs to bfloat16/TF32.
 
 ``arctan2`` itself is evaluated with the Cephes polynomial (float32) / rational
 (float64) approximations to full precision (tested against ``numpy.arctan2``), because
@@ -1079,18 +1089,69 @@ class _ABRelu(_Elementwise):
         return self.a * jnp.minimum(x, 0) + self.b * jnp.maximum(x, 0)
 
     def cross(self, k12, k11, k22, want_dot, ulps=_BOUNDARY_ULPS):
-        a, b = self.a, self.b
-        prod = k11 * k22
-        gap = prod - k12 * k12
-        # Within rounding of the boundary (|correlation| == 1, e.g. an image paired with
-        # itself) treat the pair as exactly aligned: the angle is then exact instead of
-        # sqrt(eps)-noisy, and its derivative is the subgradient 0 instead of ~1/sqrt(eps).
-        gap = jnp.where(gap <= ulps * jnp.finfo(gap.dtype).eps * prod, 0.0, gap)
-        root = _safe_sqrt(gap)
-        angle = _safe_arctan2(root, k12, math.pi / 2)
-        factor = (a - b) ** 2 / (2 * math.pi)
-        dot = (a * a + b * b) / 2 - factor * angle
-        return factor * root + dot * k12, (dot if want_dot else None)
+        return _arccos_cross(k12, k11, k22, self.a, self.b, float(ulps), bool(want_dot))
+
+
+def _sum_to(x, shape):
+    """Sums the broadcast axes of ``x`` away so that it has ``shape`` (a VJP's reduction)."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x
+
+
+def _arccos_parts(k12, k11, k22, ulps):
+    prod = k11 * k22
+    gap = prod - k12 * k12
+    # Within rounding of the boundary (|correlation| == 1, e.g. an image paired with
+    # itself) treat the pair as exactly aligned: the angle is then exact instead of
+    # sqrt(eps)-noisy, and its derivative is the subgradient 0 instead of ~1/sqrt(eps).
+    gap = jnp.where(gap <= ulps * jnp.finfo(gap.dtype).eps * prod, 0.0, gap)
+    root = jnp.sqrt(gap)
+    angle = _safe_arctan2(root, k12, math.pi / 2)
+    return gap, root, angle
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _arccos_cross(k12, k11, k22, a, b, ulps, want_dot):
+    """The arc-cosine kernel of ``a * min(x, 0) + b * max(x, 0)``: (nngp, dot or None).
+
+    ``nngp = f * root + dot * k12`` and ``dot = (a**2 + b**2) / 2 - f * angle`` with
+    ``f = (a - b)**2 / (2 pi)``, ``root = sqrt(k11 k22 - k12**2)`` (snapped to 0 within
+    rounding of the boundary) and ``angle = arctan2(root, k12)``. The VJP is written out
+    (the derivatives neural-tangents' ``_sqrt``/``_arctan2`` rules give: 0 through the
+    square root at ``root == 0``, a floored ``arctan2`` denominator) and recomputes the
+    angle from the inputs, so the forward pass keeps no elementwise residuals but the
+    inputs and XLA fuses each pass into a few loops (the FC-3 gradient and the FC-1 KIP
+    step were ~1.3-2x faster than autodiff through the where-chains, and compiled faster).
+    """
+    _, root, angle = _arccos_parts(k12, k11, k22, ulps)
+    factor = (a - b) ** 2 / (2 * math.pi)
+    dot = (a * a + b * b) / 2 - factor * angle
+    return factor * root + dot * k12, (dot if want_dot else None)
+
+
+def _arccos_cross_fwd(k12, k11, k22, a, b, ulps, want_dot):
+    return _arccos_cross(k12, k11, k22, a, b, ulps, want_dot), (k12, k11, k22)
+
+
+def _arccos_cross_bwd(a, b, ulps, want_dot, res, cts):
+    k12, k11, k22 = res
+    g_nngp, g_dot = cts
+    gap, root, angle = _arccos_parts(k12, k11, k22, ulps)
+    factor = (a - b) ** 2 / (2 * math.pi)
+    dot = (a * a + b * b) / 2 - factor * angle
+    g_dot = g_nngp * k12 if g_dot is None else g_dot + g_nngp * k12
+    g_angle = -factor * g_dot
+    denom = jnp.maximum(k12 * k12 + root * root, _TINY)  # _safe_arctan2's JVP
+    g_root = factor * g_nngp + g_angle * k12 / denom
+    positive = gap > _TINY  # _safe_sqrt's JVP: derivative 0 at the boundary
+    g_gap = jnp.where(positive, g_root / (2.0 * jnp.where(positive, root, 1.0)), 0.0)
+    g_k12 = g_nngp * dot - g_angle * root / denom - 2.0 * k12 * g_gap
+    return (g_k12, _sum_to(g_gap * k22, jnp.shape(k11)), _sum_to(g_gap * k11, jnp.shape(k22)))
+
+
+_arccos_cross.defvjp(_arccos_cross_fwd, _arccos_cross_bwd)
 
 
 class _Erf(_Elementwise):
