@@ -760,6 +760,7 @@ def test_random_features_converge_to_convnet_nngp_at_the_predicted_rate():
     assert error(wide, 2) < 0.7 * error(narrow, 2), (error(narrow, 2), error(wide, 2))
     assert error(wide, m) < 0.06
 
+
 @pytest.mark.parametrize("a, b", [(0.0, 1.0), (-1.0, 1.0), (0.2, 1.5)])
 def test_arccos_vjp_matches_autodiff_of_the_formula(a, b):
     """The written-out VJP of the ReLU-family kernel equals autodiff of its closed form
