@@ -94,18 +94,22 @@ def test_no_private_name_crosses_modules():
 
     import kipnb
 
-    shorts = "|".join(kipnb.LOCATIONS)
-    pattern = re.compile(rf"(?<![\w.])({shorts})\._[a-z]\w*")
+    shorts = set(kipnb.LOCATIONS)
     offenders = []
     for path in sorted((ROOT / "kipnb").rglob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py")):
+        text = path.read_text()
         own = path.stem
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("#", 1)[0]
-            for m in pattern.finditer(code):
-                if m.group(1) != own:
-                    offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {m.group(0)}")
-        for m in re.finditer(r"from kipnb[\w.]* import ([^\n]+)", path.read_text()):
-            names = [n.strip().split(" as ")[0] for n in m.group(1).strip("()").split(",")]
-            offenders += [f"{path.relative_to(ROOT)}: imports {n}" for n in names
-                          if n.startswith("_")]
+        names = set(shorts)  # the modules' short names, and what this file imports them as
+        for m in re.finditer(r"from kipnb(?:\.\w+)* import \(?([^\n)]+)", text):
+            for item in m.group(1).split(","):
+                parts = item.strip().split(" as ")
+                if parts[0].startswith("_") and not parts[0].startswith("__"):
+                    offenders.append(f"{path.relative_to(ROOT)}: imports {parts[0]}")
+                if parts[0] in shorts and len(parts) == 2:
+                    names.add(parts[1].strip())
+        names.discard(own)
+        pattern = re.compile(rf"(?<![\w.])({'|'.join(sorted(names))})\._[a-z]\w*")
+        for lineno, line in enumerate(text.splitlines(), 1):
+            for m in pattern.finditer(line.split("#", 1)[0]):
+                offenders.append(f"{path.relative_to(ROOT)}:{lineno}: {m.group(0)}")
     assert not offenders, "private names used across modules:\n" + "\n".join(offenders)

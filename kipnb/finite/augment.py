@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-__all__ = ["AUGMENT_FNS", "DSAParams", "augment", "DEFAULT_STRATEGY"]
+__all__ = ["AUGMENT_FNS", "DSAParams", "augment", "DEFAULT_STRATEGY", "strategy_groups"]
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 AUG_MODES = ("S", "M")
@@ -261,7 +261,25 @@ def _apply_group(group: str, key, x, p: DSAParams):
     return x
 
 
-def _groups(strategy: str) -> list[str]:
+def strategy_groups(strategy: str) -> list[str]:
+    """The augmentation groups of a DSA strategy string; an unknown group is an error.
+
+    Args:
+      strategy: groups joined by ``'_'`` (MTT's ``'color_crop_cutout_flip_scale_rotate'``),
+        or ``'none'`` / ``''`` for no augmentation.
+
+    Returns:
+      The list of group names, empty for no augmentation.
+
+    Raises:
+      ValueError: ``strategy`` is not a string or names a group not in ``AUGMENT_FNS``.
+
+    Example:
+      >>> strategy_groups("crop_flip")
+      ['crop', 'flip']
+      >>> strategy_groups("none")
+      []
+    """
     if not isinstance(strategy, str):
         raise ValueError(f"strategy must be a string such as {DEFAULT_STRATEGY!r}.")
     if strategy in ("", "none", "None"):
@@ -291,7 +309,7 @@ def augment(
     Jit-compiled, with ``strategy`` and ``params`` static (one compilation per strategy,
     params and input shape); it also traces into an enclosing ``jax.jit``.
     """
-    groups = _groups(strategy)
+    groups = strategy_groups(strategy)
     if not isinstance(params, DSAParams):
         raise ValueError(f"params must be a DSAParams, got {type(params).__name__}.")
     x = jnp.asarray(x)

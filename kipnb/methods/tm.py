@@ -240,7 +240,7 @@ class TMConfig:
         if not _is_int(self.label_epoch):
             raise ValueError(
                 f"label_epoch must be an integer (-1: last), got {self.label_epoch!r}.")
-        augment_lib._groups(self.augment)  # raises on an unknown strategy
+        augment_lib.strategy_groups(self.augment)  # raises on an unknown strategy
         if not isinstance(self.evaluation, experts.EvalConfig):
             raise ValueError(
                 "evaluation must be a kipnb.experts.EvalConfig, got "
