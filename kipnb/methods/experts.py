@@ -148,7 +148,7 @@ def _is_real(v) -> bool:
 
 def _check_strategy(owner: str, v) -> None:
     try:
-        augment_lib._groups(v)
+        augment_lib.strategy_groups(v)
     except ValueError as e:
         raise ValueError(f"{owner}.augment={v!r}: {e}") from None
 
