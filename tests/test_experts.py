@@ -411,3 +411,20 @@ def test_evaluate_reports_divergence(toy):
                        match=r"Evaluation network 0 .*(epoch \d/3: the training loss|the "
                              r"parameters) became .*lower lr"):
         experts.evaluate(toy.x_train, toy.y_train, toy, EVAL_NET, lr=1e20, config=cfg)
+
+
+def test_experts_and_evaluation_match_the_pre_optax_reference(tmp_path):
+    """train_experts (momentum, lr decay) and evaluate equal the values of the hand-written
+    SGD step they used before the one optax trainer (tests/fixtures/trainer_reference.npz,
+    written by make_trainer_reference.py at kipnb da3f15f): float32 rounding."""
+    ref = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "trainer_reference.npz"))
+    d = data.prepare("digits", n_train=200, n_test=100)
+    cfg = experts.ExpertConfig(dataset="digits", width=8, depth=2, num_experts=1, epochs=3,
+                               batch_size=64, lr=0.05, momentum=0.5, lr_decay=True)
+    traj = experts.train_experts(cfg, d, tmp_path / "experts", progress=False)
+    np.testing.assert_allclose(traj.params[0], ref["expert_snapshots"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(traj.test_accuracy[0], ref["expert_test_accuracy"], atol=1e-6)
+    r = experts.evaluate(d.x_train[:20], d.y_train[:20], d, traj.net, lr=0.02,
+                         config=experts.EvalConfig(epochs=6, batch_size=16, num_seeds=2))
+    np.testing.assert_allclose(r.accuracies, ref["eval_hard_acc"], atol=1e-6)
+    np.testing.assert_allclose(r.train_accuracy, ref["eval_hard_train_acc"], atol=1e-6)
