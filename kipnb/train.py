@@ -1,4 +1,27 @@
-"""Transfer: train finite networks on a (distilled) support set and measure test accuracy.
+"""The finite-network trainer (optax), and KIP's transfer: networks trained on a support set.
+
+The trainer
+-----------
+One trainer trains every finite network in kipnb: the experts and the evaluation networks
+of trajectory matching (:mod:`kipnb.experts`) and the transfer networks below. It is
+optax-style, four functions and a state:
+
+* :func:`make_optimizer` -- ``'sgd'`` exactly as ``torch.optim.SGD`` (momentum, weight
+  decay; MTT/DATM) or ``'adam'`` (AdamW with weight decay), a number or an optax schedule
+  as learning rate; the hyperparameters live in the optimizer state, so they can change
+  between steps (:func:`set_hyperparams`) without recompiling;
+* :func:`init` -- a :class:`TrainState` ``(params, opt_state)``;
+* :func:`make_step` -- one jitted step: minibatch by index (or drawn at random), DSA
+  augmentation (:mod:`kipnb.augment`), a centered or plain forward pass, the loss
+  (:func:`loss_fn`: MSE, cross-entropy on hard, soft or logit labels), the update;
+  inputs sharded over devices (:mod:`kipnb.shard`) stay sharded;
+* :func:`epoch` -- one pass over a permutation in minibatches.
+
+:func:`momentum` / :func:`with_momentum` read and set SGD's momentum buffer (the experts
+save it for an exact resume).
+
+Transfer
+--------
 
 A distilled set is made for one learner -- in KIP and Label Solve, kernel ridge
 regression (KRR) with the infinite-width NTK of an architecture -- but the KIP papers
@@ -432,7 +455,7 @@ def make_optimizer(
       >>> import jax.numpy as jnp
       >>> opt = make_optimizer("sgd", 0.1, momentum=0.9)
       >>> state = init({"w": jnp.ones(2)}, opt)
-      >>> float(state.opt_state.hyperparams["learning_rate"])
+      >>> round(float(state.opt_state.hyperparams["learning_rate"]), 6)  # float32
       0.1
     """
     if isinstance(optimizer, TrainConfig):
