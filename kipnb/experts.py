@@ -67,10 +67,11 @@ One difference: MTT's loop is ``for ep in range(Epoch + 1)``, one epoch more tha
 says; here ``epochs`` epochs are trained (``EvalConfig(epochs=1001)`` is MTT's 1000,
 including the decay point).
 
-Speed. One jit-compiled SGD step of the finite-network trainer (:func:`kipnb.train.make_step`:
-gather the minibatch by index from the data kept on the device, augment, forward,
-backward, the optax update of :func:`kipnb.train.make_optimizer`'s torch-exact SGD) is
-shared by experts and evaluation and called from a Python loop (on CPU faster for ConvNets than a ``lax.scan``); the host
+Speed. One jit-compiled SGD step of the finite-network trainer
+(:func:`kipnb.train.make_step`: gather the minibatch by index from the data kept on the
+device, augment, forward, backward, the optax update of
+:func:`kipnb.train.make_optimizer`'s torch-exact SGD) is shared by experts and evaluation
+and called from a Python loop (on CPU faster for ConvNets than a ``lax.scan``); the host
 waits for the device once per epoch (experts) or every 50 epochs (evaluation). XLA's CPU
 backend computes the kernel gradient of a convolution with very few input channels (the
 first layer on 1- or 3-channel images) slowly: for Fashion-MNIST's first layer 150-440
