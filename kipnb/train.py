@@ -602,9 +602,7 @@ def make_step(
       >>> float(value) < 1e-4, int(correct)
       (True, 2)
     """
-    loss_of = loss_fn(loss)
-    if augment != "none":
-        augment_lib.augment(jax.random.PRNGKey(0), jnp.zeros((1, 1, 1, 1)), augment)
+    loss_of = loss_fn(loss)  # an unknown DSA strategy is named by augment at the first step
     if subsample is not None and not (_is_int(subsample) and subsample >= 1):
         raise ValueError(f"subsample must be a positive integer or None, got {subsample!r}.")
 
