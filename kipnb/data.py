@@ -27,6 +27,11 @@ sha256 of the decompressed content. A file that fails is never used; the error n
 it and the fix. Parsers also check structure (magic numbers, sizes), so a truncated
 file is reported as truncated even with ``verify=False``.
 
+``prepare(name, preprocessing)`` loads both splits, fits a :mod:`kipnb.preprocess`
+transform on the training split and returns one :class:`Data` in model space: the type
+every method and evaluator takes (KIP, Label Solve, the experts, MTT/DATM,
+:mod:`kipnb.evaluate`).
+
 ``digits`` has no official split: every fourth image (index % 4 == 3) is the test set,
 which keeps all ten classes in both splits and is stable across library versions.
 """
@@ -56,8 +61,10 @@ import numpy as np
 
 __all__ = [
     "DATASETS",
+    "EVAL_BLOCK",
     "ChecksumError",
     "CorruptDataError",
+    "Data",
     "DataError",
     "DataNotFoundError",
     "Dataset",
@@ -67,6 +74,7 @@ __all__ = [
     "fetch",
     "load",
     "parse_idx",
+    "prepare",
     "search_dirs",
 ]
 
@@ -677,6 +685,193 @@ def class_balanced_sample(
     """(images, labels) of ``n_per_class`` examples of each class of ``dataset``."""
     idx = class_balanced_indices(key, dataset.labels, n_per_class, dataset.num_classes)
     return dataset.images[idx], dataset.labels[idx]
+
+
+# ------------------------------------------------------------- prepared data (model space)
+
+#: Test images per block of :meth:`Data.device` (the padded test set's block size).
+EVAL_BLOCK = 1000
+
+
+@dataclass(frozen=True, eq=False)
+class Data:
+    """A dataset prepared for a learner: both splits in model space and the fitted transform.
+
+    What :func:`prepare` returns, and what every method (KRR, Label Solve, KIP, the
+    experts, MTT/DATM) and evaluator (:mod:`kipnb.evaluate`) takes.
+
+    Attributes:
+      x_train, x_test: float32 NHWC images in model space (``transform.apply`` of the
+        pixels).
+      y_train, y_test: int32 classes (also readable as ``labels_train`` /
+        ``labels_test``).
+      transform: the fitted :mod:`kipnb.preprocess` transform from pixels to model space
+        (``apply``, ``invert``); None for data built directly in model space.
+      class_names: one name per class (empty: ``num_classes`` is the largest label + 1).
+      dataset: the :mod:`kipnb.data` dataset name (``name`` is the same).
+
+    Example:
+      >>> import numpy as np
+      >>> x = np.zeros((4, 2, 2, 1), np.float32)
+      >>> d = Data(x, np.array([0, 1, 2, 0]), x, np.array([1, 1, 0, 2]), dataset="toy")
+      >>> d.num_classes, d.image_shape, d.labels_test.tolist()
+      (3, (2, 2, 1), [1, 1, 0, 2])
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    transform: object = None
+    class_names: tuple[str, ...] = ()
+    dataset: str = "custom"
+
+    def __post_init__(self):
+        arrays = {}
+        for split in ("train", "test"):
+            x = np.asarray(getattr(self, f"x_{split}"), dtype=np.float32)
+            y = np.asarray(getattr(self, f"y_{split}"))
+            if x.ndim != 4:
+                raise ValueError(
+                    f"x_{split} must be NHWC images (N, H, W, C), got shape {x.shape}. Add a "
+                    f"channel axis (x[..., None]) for grayscale images."
+                )
+            if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(
+                    f"y_{split} must be ({x.shape[0]},) integer classes, got "
+                    f"{y.dtype}{list(y.shape)}."
+                )
+            if x.shape[0] == 0:
+                raise ValueError(f"x_{split} is empty.")
+            arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y.astype(np.int32)
+        if arrays["x_test"].shape[1:] != arrays["x_train"].shape[1:]:
+            raise ValueError(
+                f"Training images are {arrays['x_train'].shape[1:]} but test images are "
+                f"{arrays['x_test'].shape[1:]}."
+            )
+        for k, v in arrays.items():
+            object.__setattr__(self, k, v)
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        c = self.num_classes
+        for split in ("train", "test"):
+            y = arrays[f"y_{split}"]
+            if y.min() < 0 or y.max() >= c:
+                raise ValueError(
+                    f"y_{split} spans [{y.min()}, {y.max()}] but there are {c} classes "
+                    f"(class_names)."
+                )
+
+    @property
+    def labels_train(self) -> np.ndarray:
+        """``y_train``."""
+        return self.y_train
+
+    @property
+    def labels_test(self) -> np.ndarray:
+        """``y_test``."""
+        return self.y_test
+
+    @property
+    def name(self) -> str:
+        """``dataset``."""
+        return self.dataset
+
+    @property
+    def num_classes(self) -> int:
+        if self.class_names:
+            return len(self.class_names)
+        return int(max(self.y_train.max(), self.y_test.max())) + 1
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.x_train.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def preprocessing(self) -> str:
+        """The :func:`kipnb.preprocess.method_name` of ``transform`` (e.g. ``'zca_kornia'``)."""
+        from kipnb import preprocess
+
+        return preprocess.method_name(self.transform)
+
+    def fingerprint(self) -> str:
+        """A short hash of the training data, stored in checkpoints to catch mix-ups."""
+        from kipnb import checkpoint
+
+        return checkpoint.data_fingerprint(self.x_train, self.y_train)
+
+    def device(self) -> dict:
+        """The arrays as device arrays, made once and then cached on this object.
+
+        Returns:
+          ``dict(x_train, y_train, x_test, y_test, block)``: the test set padded to a
+          multiple of ``block = min(EVAL_BLOCK, n_test)`` images, with label -1 on the
+          padding (so a count of correct predictions over the padded blocks is exact).
+        """
+        cache = self.__dict__.get("_device_cache")
+        if cache is None:
+            n = len(self.x_test)
+            block = min(EVAL_BLOCK, n)
+            pad = -n % block
+            x_t = np.concatenate([self.x_test, np.zeros((pad, *self.image_shape), np.float32)])
+            y_t = np.concatenate([self.y_test, np.full((pad,), -1, np.int32)])
+            cache = {"x_train": jax.numpy.asarray(self.x_train),
+                     "y_train": jax.numpy.asarray(self.y_train),
+                     "x_test": jax.numpy.asarray(x_t), "y_test": jax.numpy.asarray(y_t),
+                     "block": block}
+            object.__setattr__(self, "_device_cache", cache)
+        return cache
+
+
+def prepare(
+    dataset: str = "fashion_mnist",
+    preprocessing: str = "standardize",
+    *,
+    zca_reg: float = 0.1,
+    data_dir: str | os.PathLike | None = None,
+    n_train: int | None = None,
+    n_test: int | None = None,
+) -> Data:
+    """Load ``dataset``, fit ``preprocessing`` on its training split, apply it to both.
+
+    Args:
+      dataset: a name of :data:`DATASETS`.
+      preprocessing: a :func:`kipnb.preprocess.make` method: ``'standardize'``
+        (per-channel), ``'zca'`` (KIP's relative ZCA), ``'zca_kornia'`` (MTT's and
+        DATM's ZCA of the [0, 1] pixels, absolute ``eps = zca_reg``), ``'layernorm_zca'``
+        (KIP's CIFAR preprocessing), ``'standardize_zca'`` or ``'none'``.
+      zca_reg: the ZCA regularizer (KIP and MTT: 0.1).
+      data_dir: where to look for the files first (see :func:`load`).
+      n_train, n_test: keep only the first images of each split (quick experiments;
+        the transform is fitted on the kept training images).
+
+    Returns:
+      A :class:`Data`, float32 images in model space.
+
+    Example:
+      >>> d = prepare("digits", "zca_kornia", n_train=300, n_test=50)
+      >>> d.x_train.shape, d.preprocessing, d.num_classes
+      ((300, 8, 8, 1), 'zca_kornia', 10)
+    """
+    from kipnb import preprocess
+
+    transform = preprocess.make(preprocessing, zca_reg=zca_reg)
+    train = load(dataset, "train", data_dir)
+    test = load(dataset, "test", data_dir)
+    x_tr, y_tr, x_te, y_te = train.images, train.labels, test.images, test.labels
+    if n_train is not None:
+        x_tr, y_tr = x_tr[:n_train], y_tr[:n_train]
+    if n_test is not None:
+        x_te, y_te = x_te[:n_test], y_te[:n_test]
+    transform = transform.fit(x_tr)
+    return Data(
+        x_train=np.asarray(transform.apply(x_tr), np.float32),
+        y_train=np.asarray(y_tr, np.int32),
+        x_test=np.asarray(transform.apply(x_te), np.float32),
+        y_test=np.asarray(y_te, np.int32),
+        transform=transform,
+        class_names=tuple(train.class_names),
+        dataset=dataset,
+    )
 
 
 # ------------------------------------------------------------------ system packages

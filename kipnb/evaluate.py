@@ -1,7 +1,7 @@
 """Judge any distilled set with any evaluator: ``krr(ds, data, ...)``, ``network(ds, data, ...)``.
 
-Both take a :class:`kipnb.DistilledSet` and prepared data (:func:`kipnb.kip.prepare`'s
-``KIPData`` or :func:`kipnb.experts.prepare`'s ``TMData``) and return one
+Both take a :class:`kipnb.DistilledSet` and prepared data (a :class:`kipnb.data.Data`
+from :func:`kipnb.data.prepare`, ``kip.prepare`` or ``experts.prepare``) and return one
 :class:`EvalResult` (``mean``, ``std``, ``accs``, ``protocol``, ``seconds``; accuracies
 are fractions of the test set).
 
@@ -10,7 +10,9 @@ transform that took pixels there (``ds.transform``). When that transform is not 
 data's (another preprocessing, or the same one fitted on other data), the images are
 brought into the data's space, ``data.transform.apply(ds.to_pixels())``
 (``on_mismatch='convert'``, the default), or refused with an error naming both
-preprocessings (``on_mismatch='error'``). A set in pixel space (``transform=None``,
+preprocessings by their :func:`kipnb.preprocess.method_name` (e.g. ``'zca'``, KIP's
+relative ZCA, vs ``'zca_kornia'``, MTT's) and recipes (``on_mismatch='error'``). A set in
+pixel space (``transform=None``,
 e.g. a format-1 file) gets the data's transform applied.
 
 **Labels.** Each label kind is converted explicitly, by the papers' conventions:
@@ -42,8 +44,8 @@ and the networks of MTT's evaluation train with the set's learned ``lr`` when it
 
 Example:
     >>> import numpy as np
-    >>> from kipnb import DistilledSet, kip, evaluate
-    >>> d = kip.prepare("digits")
+    >>> from kipnb import DistilledSet, data, evaluate
+    >>> d = data.prepare("digits")
     >>> idx = np.array([np.flatnonzero(d.labels_train == c)[0] for c in range(10)])
     >>> ds = DistilledSet(d.x_train[idx], d.labels_train[idx], label_kind="class",
     ...                   num_classes=10, transform=d.transform)
@@ -65,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kipnb import archs, experts, nets, preprocess, train
+from kipnb import data as data_lib
 from kipnb import krr as krr_lib
 from kipnb.distilled import DistilledSet, jsonable
 
@@ -113,15 +116,12 @@ class EvalResult:
 
 
 def _test_split(data, n_test: int | None):
-    if hasattr(data, "labels_test"):  # KIPData
-        x, y = data.x_test, data.labels_test
-    elif hasattr(data, "y_test"):  # TMData
-        x, y = data.x_test, data.y_test
-    else:
+    if not isinstance(data, data_lib.Data):
         raise TypeError(
-            f"data must be prepared data (kip.prepare or experts.prepare), got "
-            f"{type(data).__name__}."
+            f"data must be a kipnb.data.Data (kipnb.data.prepare, kip.prepare or "
+            f"experts.prepare), got {type(data).__name__}."
         )
+    x, y = data.x_test, data.y_test
     n = len(x) if n_test is None else min(int(n_test), len(x))
     return np.asarray(x[:n], np.float32), np.asarray(y[:n])
 
@@ -129,7 +129,7 @@ def _test_split(data, n_test: int | None):
 def _describe(t) -> str:
     if t is None:
         return "pixels (no preprocessing)"
-    return repr(t.recipe())
+    return f"{preprocess.method_name(t)!r} {t.recipe()!r}"
 
 
 def inputs(ds: DistilledSet, data, *, on_mismatch: str = "convert") -> tuple[np.ndarray, str]:
@@ -299,8 +299,8 @@ def network(
         An :class:`EvalResult` with one accuracy per network.
 
     Example:
-        >>> from kipnb import kip
-        >>> d = kip.prepare("digits")
+        >>> from kipnb import data
+        >>> d = data.prepare("digits")
         >>> idx = np.array([np.flatnonzero(d.labels_train == c)[0] for c in range(10)])
         >>> ds = DistilledSet(d.x_train[idx], d.labels_train[idx], "class", 10,
         ...                   transform=d.transform)
@@ -335,9 +335,9 @@ def network(
             raise TypeError(f"protocol='mtt' needs net= a nets.ConvNet or nets.MLP, got "
                             f"{type(net).__name__}.")
         lr_used = lr if lr is not None else (ds.lr if ds.lr is not None else DEFAULT_MTT_LR)
-        test = experts.TMData(x_train=x_s, y_train=ds.classes, x_test=x_t, y_test=y_t,
-                              class_names=tuple(str(c) for c in range(ds.num_classes)),
-                              dataset=str(getattr(data, "dataset", "custom")))
+        test = data_lib.Data(x_train=x_s, y_train=ds.classes, x_test=x_t, y_test=y_t,
+                             class_names=tuple(str(c) for c in range(ds.num_classes)),
+                             dataset=str(getattr(data, "dataset", "custom")))
         res = experts.evaluate(x_s, y_s, test, net, lr=lr_used, config=cfg, progress=progress)
         accs = tuple(res.accuracies)
         details = {"network": jsonable(net), "lr": float(lr_used),

@@ -20,6 +20,20 @@ Fit on the training split, apply the same fitted transform to the test split.
   ``ZCAWhitening(eps=0.1)`` as MTT and DATM use it). The inverse is
   ``U diag((s + eps)^1/2) U^T``, exact for any ``eps > 0``.
 - :class:`Pipeline`: transforms in sequence; ``make(method)`` builds the common ones.
+
+The two ZCA conventions have distinct method names in :func:`make` (and everywhere a
+preprocessing is named: :func:`kipnb.data.prepare`, ``KIPConfig``, ``ExpertConfig``):
+
+=================  ==========================================================  =============
+method             what                                                        used by
+=================  ==========================================================  =============
+``'zca'``          ZCA of the pixels, ``eps = zca_reg * trace(cov) / d``       KIP (relative)
+``'zca_kornia'``   ZCA of the [0, 1] pixels, ``eps = zca_reg`` (kornia's       MTT, DATM
+                   ``ZCAWhitening(eps=0.1)``)
+``layernorm_zca``  per-image layer norm, then relative ZCA                     KIP (CIFAR)
+=================  ==========================================================  =============
+
+:func:`method_name` names a fitted transform by these names.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ __all__ = [
     "from_recipe",
     "from_state",
     "make",
+    "method_name",
     "state",
 ]
 
@@ -234,27 +249,64 @@ class Pipeline:
 
 _KINDS = {"standardize": Standardize, "layernorm": LayerNorm, "zca": ZCA}
 
-METHODS = ("none", "standardize", "zca", "layernorm_zca", "standardize_zca")
+METHODS = ("none", "standardize", "zca", "zca_kornia", "layernorm_zca", "standardize_zca")
 
 
 def make(method: str = "standardize", zca_reg: float = 0.1, relative: bool = True) -> Pipeline:
     """An unfitted pipeline by name: one of :data:`METHODS`.
 
-    ``'layernorm_zca'`` is KIP's preprocessing; MTT and DATM whiten the raw [0, 1]
-    pixels (``'zca'`` with ``relative=False``, no standardization first: their
-    ``get_dataset`` uses ``ToTensor()`` alone when ``--zca`` is set); ``'none'`` is the
+    ``'zca'`` whitens with KIP's relative regularizer (``relative=False`` makes it
+    absolute); ``'zca_kornia'`` is MTT's and DATM's ZCA: the raw [0, 1] pixels
+    whitened with the absolute ``eps = zca_reg`` (no standardization first: their
+    ``get_dataset`` uses ``ToTensor()`` alone when ``--zca`` is set; ``relative`` is
+    ignored). ``'layernorm_zca'`` is KIP's CIFAR preprocessing; ``'none'`` is the
     identity.
+
+    Example:
+        >>> make("zca_kornia", zca_reg=0.1).steps[0].relative
+        False
     """
     steps: dict[str, Sequence] = {
         "none": (),
         "standardize": (Standardize(),),
         "zca": (ZCA(zca_reg, relative),),
+        "zca_kornia": (ZCA(zca_reg, relative=False),),
         "layernorm_zca": (LayerNorm(), ZCA(zca_reg, relative)),
         "standardize_zca": (Standardize(), ZCA(zca_reg, relative)),
     }
     if method not in steps:
         raise ValueError(f"Unknown preprocessing {method!r}. Known: {', '.join(METHODS)}.")
     return Pipeline(tuple(steps[method]))
+
+
+def method_name(transform) -> str:
+    """The :func:`make` name of a transform (fitted or not), e.g. ``'zca_kornia'``.
+
+    ``None`` and the empty pipeline are ``'none'``. A ZCA is ``'zca'`` (relative
+    regularizer) or ``'zca_kornia'`` (absolute), with its ``zca_reg`` appended when it
+    is not 0.1 (``'zca(reg=0.01)'``); a chain :func:`make` does not build is named by
+    its steps joined with ``'+'``.
+
+    Example:
+        >>> method_name(make("zca_kornia")), method_name(make("layernorm_zca", zca_reg=0.01))
+        ('zca_kornia', 'layernorm_zca(reg=0.01)')
+    """
+    if transform is None:
+        return "none"
+    steps = transform.steps if isinstance(transform, Pipeline) else (transform,)
+    names, regs = [], []
+    for s in steps:
+        if isinstance(s, ZCA):
+            names.append("zca" if s.relative else "zca_kornia")
+            regs.append(s.reg)
+        else:
+            names.append(s.recipe()["kind"])
+    joined = "_".join(names) if names else "none"
+    if joined not in METHODS:
+        joined = "+".join(names)
+    if regs and regs[0] != 0.1:
+        joined += f"(reg={regs[0]:g})"
+    return joined
 
 
 def from_recipe(recipe: dict) -> Any:

@@ -452,3 +452,46 @@ def test_apt_prefix_as_root_or_sudo(monkeypatch):
     assert data.apt_prefix() is None
     monkeypatch.setattr(data.shutil, "which", lambda c: None)
     assert data.apt_prefix() is None
+
+
+# ------------------------------------------------------------------ prepared data
+
+
+def test_prepare_fits_on_the_training_split_and_returns_one_data_type():
+    d = data.prepare("digits", "standardize", n_train=300, n_test=50)
+    assert isinstance(d, data.Data) and d.dataset == d.name == "digits"
+    assert d.x_train.shape == (300, 8, 8, 1) and d.x_test.shape == (50, 8, 8, 1)
+    assert d.x_train.dtype == np.float32 and d.y_train.dtype == np.int32
+    assert abs(float(d.x_train.mean())) < 1e-5 and abs(float(d.x_train.std()) - 1) < 1e-4
+    raw = data.load("digits", "test").images[:50]
+    np.testing.assert_allclose(d.transform.apply(raw), d.x_test, atol=1e-6)
+    assert d.labels_train is d.y_train and d.labels_test is d.y_test
+    assert d.num_classes == 10 and d.image_shape == (8, 8, 1)
+    assert d.preprocessing == "standardize"
+    assert d.fingerprint() != data.prepare("digits", n_train=299).fingerprint()
+    full = data.prepare("digits", "layernorm_zca", zca_reg=0.01)
+    assert full.preprocessing == "layernorm_zca(reg=0.01)" and len(full.x_test) == 449
+    with pytest.raises(ValueError, match="Unknown preprocessing 'whiten'.*zca_kornia"):
+        data.prepare("digits", "whiten")
+
+
+def test_the_two_zcas_have_distinct_names():
+    kip_zca = data.prepare("digits", "zca", n_train=400)
+    kornia = data.prepare("digits", "zca_kornia", n_train=400)
+    a, b = kip_zca.transform.steps[0], kornia.transform.steps[0]
+    assert a.relative and not b.relative and b.eps == 0.1
+    cov = np.cov(data.load("digits").images[:400].reshape(400, -1).T, bias=True)
+    assert a.eps == pytest.approx(0.1 * np.trace(cov) / 64, rel=1e-6)
+    assert (kip_zca.preprocessing, kornia.preprocessing) == ("zca", "zca_kornia")
+
+
+def test_device_arrays_are_cached_and_the_test_set_padded():
+    d = data.prepare("digits", n_train=100, n_test=30)
+    dev = d.device()
+    assert d.device() is dev and dev["block"] == 30 and dev["x_test"].shape[0] == 30
+    big = data.Data(np.zeros((4, 2, 2, 1)), np.zeros(4, int), np.zeros((1001, 2, 2, 1)),
+                    np.zeros(1001, int), class_names=("a",))
+    dev = big.device()
+    assert dev["block"] == data.EVAL_BLOCK == 1000 and dev["x_test"].shape[0] == 2000
+    y = np.asarray(dev["y_test"])
+    assert (y[:1001] == 0).all() and (y[1001:] == -1).all()

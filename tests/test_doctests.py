@@ -8,7 +8,8 @@ import importlib
 
 import pytest
 
-MODULES = ["checks", "distilled", "preprocess", "archs", "label_solve", "evaluate", "stax"]
+MODULES = ["checks", "distilled", "preprocess", "data", "archs", "stax", "krr", "label_solve", "kip",
+           "augment", "train", "loop", "evaluate"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -10,9 +10,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from kipnb import checkpoint, experts, nets
+from kipnb import checkpoint, data, experts, nets, train
 from kipnb.checkpoint import CheckpointError
 
 C = 4  # classes of the toy problem
@@ -120,39 +121,63 @@ def test_tmdata_checks_shapes_and_labels():
 
 def test_prepare_standardizes_or_whitens_like_mtt():
     d = experts.prepare("digits", n_train=300, n_test=50)
+    assert isinstance(d, data.Data) and experts.TMData is data.Data
     assert d.x_train.shape == (300, 8, 8, 1) and d.x_test.shape == (50, 8, 8, 1)
     assert abs(float(d.x_train.mean())) < 1e-4 and d.num_classes == 10
-    z = experts.prepare("digits", preprocessing="zca", zca_reg=0.1, n_train=300, n_test=50)
+    z = experts.prepare("digits", preprocessing="zca_kornia", zca_reg=0.1, n_train=300,
+                        n_test=50)
     step = z.transform.steps[0]
     assert type(step).__name__ == "ZCA" and not step.relative and step.eps == 0.1
     assert len(z.transform.steps) == 1  # MTT whitens [0, 1] pixels, not standardized ones
+    assert z.preprocessing == "zca_kornia"
     cfg = experts.ExpertConfig(dataset="digits", num_experts=1, epochs=1)
     with pytest.raises(ValueError, match="preprocessed as .*zca.*preprocessing='standardize'"):
         experts.train_experts(cfg, z, "unused", progress=False)
+    # KIP's relative ZCA has another name; the experts' old spelling 'zca' is refused
+    kip_zca = data.prepare("digits", "zca", n_train=300, n_test=50)
+    assert kip_zca.transform.steps[0].relative and kip_zca.preprocessing == "zca"
+    for call in (lambda: experts.prepare("digits", preprocessing="zca"),
+                 lambda: experts.ExpertConfig(preprocessing="zca")):
+        with pytest.raises(ValueError, match=r"'zca' is ambiguous.*'zca_kornia'.*relative"):
+            call()
+    with pytest.raises(ValueError, match="preprocessed as .*'relative': True.*'zca_kornia'"):
+        experts.train_experts(dataclasses.replace(cfg, preprocessing="zca_kornia"), kip_zca,
+                              "unused", progress=False)
+
+
+def test_expert_files_written_with_the_old_zca_name_read_as_zca_kornia(tmp_path):
+    meta = {"format": experts.FORMAT, "format_version": 1,
+            "config": {**dataclasses.asdict(TINY), "preprocessing": "zca"}}
+    path = tmp_path / "expert_000.npz"
+    checkpoint.save(path, {"momentum": np.zeros(2, np.float32)}, meta)
+    assert experts._read_meta(path)["config"]["preprocessing"] == "zca_kornia"
 
 
 # --------------------------------------------------------------------- the SGD step
 
 
-def test_sgd_update_matches_torch_sgd_by_hand():
+def test_sgd_matches_torch_sgd_by_hand():
     # torch.optim.SGD(lr, momentum=m, weight_decay=wd): g = grad + wd * p;
     # buf = g on the first step, m * buf + g after; p -= lr * buf
     lr, m, wd = 0.1, 0.9, 0.01
     p = {"a": jnp.array([1.0, -2.0]), "b": {"c": jnp.array([[0.5]])}}
     grads = [{"a": jnp.array([0.3, 0.1]), "b": {"c": jnp.array([[-1.0]])}},
              {"a": jnp.array([-0.2, 0.4]), "b": {"c": jnp.array([[2.0]])}}]
-    buf = jax.tree_util.tree_map(jnp.zeros_like, p)
+    opt = train.make_optimizer("sgd", lr, momentum=m, weight_decay=wd)
+    state = train.init(p, opt)
     pa, pc, ba, bc = np.array([1.0, -2.0]), 0.5, None, None
     for g in grads:
-        p, buf = experts.sgd_update(p, buf, g, lr, m, wd)
+        updates, opt_state = opt.update(g, state.opt_state, state.params)
+        state = train.TrainState(optax.apply_updates(state.params, updates), opt_state)
         ga = np.asarray(g["a"]) + wd * pa
         gc = float(g["b"]["c"][0, 0]) + wd * pc
         ba = ga if ba is None else m * ba + ga
         bc = gc if bc is None else m * bc + gc
         pa, pc = pa - lr * ba, pc - lr * bc
-    np.testing.assert_allclose(p["a"], pa, rtol=1e-6)
-    np.testing.assert_allclose(p["b"]["c"][0, 0], pc, rtol=1e-6)
-    np.testing.assert_allclose(buf["a"], ba, rtol=1e-6)
+    np.testing.assert_allclose(state.params["a"], pa, rtol=1e-6)
+    np.testing.assert_allclose(state.params["b"]["c"][0, 0], pc, rtol=1e-6)
+    np.testing.assert_allclose(train.momentum(state)["a"], ba, rtol=1e-6)
+    assert not hasattr(experts, "sgd_update")
 
 
 def test_apply_fn_is_net_apply_with_the_same_gradients():
@@ -386,3 +411,20 @@ def test_evaluate_reports_divergence(toy):
                        match=r"Evaluation network 0 .*(epoch \d/3: the training loss|the "
                              r"parameters) became .*lower lr"):
         experts.evaluate(toy.x_train, toy.y_train, toy, EVAL_NET, lr=1e20, config=cfg)
+
+
+def test_experts_and_evaluation_match_the_pre_optax_reference(tmp_path):
+    """train_experts (momentum, lr decay) and evaluate equal the values of the hand-written
+    SGD step they used before the one optax trainer (tests/fixtures/trainer_reference.npz,
+    written by make_trainer_reference.py at kipnb da3f15f): float32 rounding."""
+    ref = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "trainer_reference.npz"))
+    d = data.prepare("digits", n_train=200, n_test=100)
+    cfg = experts.ExpertConfig(dataset="digits", width=8, depth=2, num_experts=1, epochs=3,
+                               batch_size=64, lr=0.05, momentum=0.5, lr_decay=True)
+    traj = experts.train_experts(cfg, d, tmp_path / "experts", progress=False)
+    np.testing.assert_allclose(traj.params[0], ref["expert_snapshots"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(traj.test_accuracy[0], ref["expert_test_accuracy"], atol=1e-6)
+    r = experts.evaluate(d.x_train[:20], d.y_train[:20], d, traj.net, lr=0.02,
+                         config=experts.EvalConfig(epochs=6, batch_size=16, num_seeds=2))
+    np.testing.assert_allclose(r.accuracies, ref["eval_hard_acc"], atol=1e-6)
+    np.testing.assert_allclose(r.train_accuracy, ref["eval_hard_train_acc"], atol=1e-6)

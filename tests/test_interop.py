@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from kipnb import DistilledSet, evaluate, experts, kip, label_solve, nets, sampling, tm
+from kipnb import DistilledSet, data, evaluate, experts, kip, label_solve, nets, sampling, tm
 
 CHANCE = 0.1
 KIP_CFG = kip.KIPConfig(dataset="digits", arch="fc", depth=2, ipc=2, steps=30,
@@ -142,6 +142,16 @@ def test_preprocessing_mismatch_is_converted_or_refused(saved, kd):
     np.testing.assert_allclose(x, zca.transform.apply(kd.transform.invert(ds.images)), atol=1e-5)
     with pytest.raises(ValueError, match=r"'standardize'.*preprocessing is .*'zca'"):
         evaluate.krr(ds, zca, on_mismatch="error")
+    # the two ZCAs are different spaces, named apart in the error
+    kornia = data.prepare("digits", "zca_kornia")
+    zca_set = DistilledSet(zca.x_train[:10], zca.y_train[:10], "class", 10,
+                           transform=zca.transform)
+    with pytest.raises(ValueError, match=r"space of 'zca' .*'relative': True.*preprocessing "
+                                         r"is 'zca_kornia' .*'relative': False"):
+        evaluate.network(zca_set, kornia, protocol="mtt", on_mismatch="error")
+    x, how = evaluate.inputs(zca_set, kornia)
+    assert how == "converted"
+    np.testing.assert_allclose(x, kornia.x_train[:10], atol=2e-3)
     fashion_like = DistilledSet(np.zeros((2, 28, 28, 1)), np.array([0, 1]), "class", 10)
     with pytest.raises(ValueError, match=r"images are \(28, 28, 1\) but the data's are \(8, 8, 1\)"):
         evaluate.krr(fashion_like, kd)

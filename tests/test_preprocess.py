@@ -114,3 +114,18 @@ def test_errors():
         ZCA().fit(x).apply(np.zeros((2, 4, 4, 1)))
     with pytest.raises(ValueError, match="Unknown preprocessing 'pca'"):
         preprocess.make("pca")
+
+
+def test_zca_kornia_is_the_absolute_zca_and_method_names_tell_them_apart():
+    x = correlated_images(500)
+    k = preprocess.make("zca_kornia", zca_reg=0.1, relative=True).fit(x)  # relative ignored
+    assert not k.steps[0].relative and k.steps[0].eps == 0.1
+    r = preprocess.make("zca", zca_reg=0.1).fit(x)
+    assert r.steps[0].relative and r.steps[0].eps != 0.1
+    assert not preprocess.equal(k, r)
+    names = {m: preprocess.method_name(preprocess.make(m)) for m in preprocess.METHODS}
+    assert names == {m: m for m in preprocess.METHODS}
+    assert preprocess.method_name(None) == "none"
+    assert preprocess.method_name(preprocess.make("zca", relative=False)) == "zca_kornia"
+    assert preprocess.method_name(preprocess.make("zca", zca_reg=0.01)) == "zca(reg=0.01)"
+    assert preprocess.method_name(Pipeline((ZCA(), Standardize()))) == "zca+standardize"

@@ -92,7 +92,7 @@ def test_datm_defaults_and_parameter_sets():
         assert cfg.max_start_epoch - 1 + cfg.expert_epochs <= ex.epochs, name
     ex, cfg = tm.distill_setting("datm_cifar10_ipc1")
     assert (cfg.current_max_start_epoch, cfg.max_start_epoch, cfg.syn_steps) == (2, 4, 80)
-    assert ex.preprocessing == "zca" and ex.width == 128
+    assert ex.preprocessing == "zca_kornia" and ex.width == 128
     ex, cfg = tm.distill_setting("mtt_fashion_ipc1", iterations=7, expert_epochs=1,
                                  expert_num_experts=2)
     assert cfg.iterations == 7 and ex.num_experts == 2

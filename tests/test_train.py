@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from kipnb import data, krr, preprocess
+from kipnb import augment, data, experts, kip, krr, nets, preprocess, train
 from kipnb.distilled import DistilledSet
 from kipnb.train import TrainConfig, train_network, transfer
 
@@ -289,3 +292,110 @@ def test_weight_decay_trains(digits):
         lr = 1e-3 if opt == "adam" else 0.1
         cfg = dataclasses.replace(FC, optimizer=opt, learning_rate=lr, weight_decay=1e-4)
         assert run(digits, cfg)["test_acc"] > 0.85
+
+
+# ------------------------------------------------- the optax trainer (public step API)
+
+REFERENCE = Path(__file__).parent / "fixtures" / "trainer_reference.npz"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    # Written by tests/fixtures/make_trainer_reference.py with the trainers as they were
+    # before they became one optax trainer (kipnb da3f15f: experts' hand-written SGD step,
+    # train.py's own step).
+    return dict(np.load(REFERENCE))
+
+
+def test_trainer_matches_the_pre_optax_reference(reference):
+    """Two epochs of the experts' SGD (momentum, weight decay, DSA) and two KIP transfers
+    equal the old trainers' values to float32 rounding (bit for bit on one machine)."""
+    d = data.prepare("digits", n_train=200, n_test=100)
+    net = experts.ExpertConfig(dataset="digits", width=8, depth=2).net((8, 8, 1), 10)
+    opt = train.make_optimizer("sgd", 0.05, momentum=0.9, weight_decay=5e-4)
+    state = train.init(net.init(jax.random.PRNGKey(0), (-1, 8, 8, 1)), opt)
+    step = train.make_step(experts.apply_fn(net), "xent", opt,
+                           augment=augment.DEFAULT_STRATEGY)
+    dev = d.device()
+    losses = []
+    for e in range(2):
+        perm = np.random.default_rng([7, e]).permutation(200)
+        state, ls, _, sizes = train.epoch(step, state, dev["x_train"], dev["y_train"], perm,
+                                          jax.random.PRNGKey(10 + e), batch_size=64)
+        losses += jax.device_get(ls)
+        assert sizes == [64, 64, 64, 8]
+    np.testing.assert_allclose(losses, reference["epoch_losses"], rtol=1e-5)
+    np.testing.assert_allclose(nets.flatten_params(state.params), reference["epoch_params"],
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(nets.flatten_params(train.momentum(state)),
+                               reference["epoch_momentum"], rtol=1e-4, atol=1e-6)
+    kd = kip.prepare("digits")
+    for name, tc in {
+        "adam_fc": TrainConfig(arch="fc", width=64, depth=2, steps=40),
+        "sgd_fc": TrainConfig(arch="fc", width=64, depth=2, steps=40, optimizer="sgd",
+                              learning_rate=0.1, weight_decay=1e-3, batch_size=16),
+    }.items():
+        r = train_network(tc, kd.x_train[:30], kd.labels_train[:30], kd.x_test[:200],
+                          kd.labels_test[:200], seed=1)
+        assert r["test_acc"] == float(reference[f"{name}_test_acc"])
+        np.testing.assert_allclose(r["final_loss"], reference[f"{name}_final_loss"], rtol=1e-5)
+        np.testing.assert_allclose(r["train_outputs"], reference[f"{name}_outputs"],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_make_optimizer_checks_and_takes_a_config():
+    with pytest.raises(ValueError, match="Unknown optimizer 'rmsprop'"):
+        train.make_optimizer("rmsprop", 0.1)
+    with pytest.raises(ValueError, match="needs a learning_rate"):
+        train.make_optimizer("sgd")
+    with pytest.raises(ValueError, match=r"momentum must lie in \[0, 1\)"):
+        train.make_optimizer("sgd", 0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="weight_decay must be a number >= 0"):
+        train.make_optimizer("adam", 0.1, weight_decay=-1)
+    with pytest.raises(ValueError, match="do not pass them as well"):
+        train.make_optimizer(TrainConfig(), 0.1)
+    s = train.init({"w": jnp.ones(2)}, train.make_optimizer(
+        TrainConfig(optimizer="sgd", learning_rate=0.3, momentum=0.5, weight_decay=0.01)))
+    hp = {k: float(v) for k, v in s.opt_state.hyperparams.items()}
+    assert hp == pytest.approx({"learning_rate": 0.3, "momentum": 0.5, "weight_decay": 0.01})
+    s = train.set_hyperparams(s, learning_rate=0.03)
+    assert float(s.opt_state.hyperparams["learning_rate"]) == pytest.approx(0.03)
+    with pytest.raises(ValueError, match=r"Unknown hyperparameter\(s\) \['beta'\]"):
+        train.set_hyperparams(s, beta=1.0)
+    s = train.with_momentum(s, {"w": np.full(2, 2.0)})
+    np.testing.assert_array_equal(train.momentum(s)["w"], [2.0, 2.0])
+
+
+def test_step_follows_a_schedule_and_lr_changes_without_recompiling():
+    # f(w) = 0.5 * (w - 1)^2 per output; plain SGD moves w by lr * (w - 1)
+    sched = optax.piecewise_constant_schedule(0.5, {1: 0.0})  # lr 0.5 once, then 0
+    x, y = jnp.ones((1, 1)), jnp.ones((1, 1))
+    opt = train.make_optimizer("sgd", sched)
+    step = train.make_step(lambda p, xx: xx * p["w"], "mse", opt)
+    s = train.init({"w": jnp.zeros(())}, opt)
+    for i in range(3):
+        s, _, _ = step(s, x, y, jax.random.PRNGKey(0), i)
+    assert float(s.params["w"]) == pytest.approx(0.5)
+    opt = train.make_optimizer("sgd", 0.5)
+    step = train.make_step(lambda p, xx: xx * p["w"], "mse", opt)
+    s = train.init({"w": jnp.zeros(())}, opt)
+    s, _, _ = step(s, x, y, jax.random.PRNGKey(0), 0)
+    s, _, _ = step(train.set_hyperparams(s, learning_rate=0.0), x, y, jax.random.PRNGKey(0), 1)
+    assert float(s.params["w"]) == pytest.approx(0.5) and step._cache_size() == 1
+
+
+def test_loss_fn_kinds():
+    out = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    logp = np.asarray(jax.nn.log_softmax(out))
+    xent, labels = train.loss_fn("xent")(out, jnp.array([0, 0]))
+    assert float(xent) == pytest.approx(-(logp[0, 0] + logp[1, 0]) / 2)
+    assert labels.tolist() == [0, 0]
+    probs = jnp.array([[0.25, 0.75], [1.0, 0.0]])
+    soft, _ = train.loss_fn("soft_xent")(out, probs)
+    assert float(soft) == pytest.approx(-np.mean((np.asarray(probs) * logp).sum(1)), rel=1e-6)
+    logit, _ = train.loss_fn("logit_xent")(out, jnp.log(probs + 1e-30))
+    assert float(logit) == pytest.approx(float(soft), rel=1e-5)
+    mse, labels = train.loss_fn("mse")(out, jnp.array([[1.0, 0.0], [0.0, 0.0]]))
+    assert float(mse) == pytest.approx(0.5 * (1 + 0 + 0 + 1) / 2) and labels.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="Unknown loss 'hinge'"):
+        train.loss_fn("hinge")

@@ -1,4 +1,27 @@
-"""Transfer: train finite networks on a (distilled) support set and measure test accuracy.
+"""The finite-network trainer (optax), and KIP's transfer: networks trained on a support set.
+
+The trainer
+-----------
+One trainer trains every finite network in kipnb: the experts and the evaluation networks
+of trajectory matching (:mod:`kipnb.experts`) and the transfer networks below. It is
+optax-style, four functions and a state:
+
+* :func:`make_optimizer` -- ``'sgd'`` exactly as ``torch.optim.SGD`` (momentum, weight
+  decay; MTT/DATM) or ``'adam'`` (AdamW with weight decay), a number or an optax schedule
+  as learning rate; the hyperparameters live in the optimizer state, so they can change
+  between steps (:func:`set_hyperparams`) without recompiling;
+* :func:`init` -- a :class:`TrainState` ``(params, opt_state)``;
+* :func:`make_step` -- one jitted step: minibatch by index (or drawn at random), DSA
+  augmentation (:mod:`kipnb.augment`), a centered or plain forward pass, the loss
+  (:func:`loss_fn`: MSE, cross-entropy on hard, soft or logit labels), the update;
+  inputs sharded over devices (:mod:`kipnb.shard`) stay sharded;
+* :func:`epoch` -- one pass over a permutation in minibatches.
+
+:func:`momentum` / :func:`with_momentum` read and set SGD's momentum buffer (the experts
+save it for an exact resume).
+
+Transfer
+--------
 
 A distilled set is made for one learner -- in KIP and Label Solve, kernel ridge
 regression (KRR) with the infinite-width NTK of an architecture -- but the KIP papers
@@ -66,8 +89,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,19 +99,46 @@ import numpy as np
 import optax
 
 from kipnb import archs, krr, shard
+from kipnb import augment as augment_lib
 from kipnb.checks import is_int as _is_int
 from kipnb.distilled import DistilledSet
 
-__all__ = ["ARCH_DEFAULTS", "LOSSES", "OPTIMIZERS", "TrainConfig", "train_network", "transfer"]
+__all__ = [
+    "ARCH_DEFAULTS",
+    "LOSSES",
+    "OPTIMIZERS",
+    "STEP_LOSSES",
+    "TrainConfig",
+    "TrainState",
+    "epoch",
+    "init",
+    "loss_fn",
+    "make_optimizer",
+    "make_step",
+    "momentum",
+    "set_hyperparams",
+    "train_network",
+    "transfer",
+    "with_momentum",
+]
 
 #: Width and depth used when :class:`TrainConfig` leaves them as None.
 ARCH_DEFAULTS = {"fc": {"width": 1024, "depth": 3}, "conv": {"width": 128, "depth": 3}}
+#: Losses of :class:`TrainConfig` (``'xent'`` with ``soft_xent=True`` is ``'soft_xent'``).
 LOSSES = ("mse", "xent")
+#: Losses of :func:`make_step` / :func:`loss_fn`.
+STEP_LOSSES = ("mse", "xent", "soft_xent", "logit_xent")
 OPTIMIZERS = ("adam", "sgd")
 
 #: Steps between NaN checks and progress-bar updates (the host waits for the device only
 #: then).
 _CHUNK = 100
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and (
+        math.isfinite(float(v))
+    )
 
 
 def _is_pos_real(v) -> bool:
@@ -341,28 +392,266 @@ def _validate(config, x_train, y_train, x_test, labels_test):
     return x_train, y_train.astype(np.float32), x_test, labels
 
 
-# ---------------------------------------------------------------------- the trainer
+# ------------------------------------------------------------- the optax trainer
 
 
-def _loss_fn(kind: str, soft: bool):
+class TrainState(NamedTuple):
+    """What one training step changes: the parameters and the optax optimizer state.
+
+    The optimizer's hyperparameters (learning rate; for SGD also momentum and weight
+    decay) live in ``opt_state`` (``optax.inject_hyperparams``), so they can change
+    between steps (:func:`set_hyperparams`) without recompiling the step.
+    """
+
+    params: Any
+    opt_state: Any
+
+
+def _sgd(learning_rate, momentum, weight_decay):
+    # torch.optim.SGD (no dampening, no Nesterov): g = grad + wd * p; buf = m * buf + g;
+    # p = p - lr * buf. optax.trace's update is g + m * buf; buf starts at zeros, which
+    # equals torch's first step buf = g.
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, momentum=momentum))
+
+
+def _adam(learning_rate, weight_decay):
+    # weight_decay is static: AdamW (decoupled, scaled by the learning rate) when > 0.
+    if weight_decay:
+        return optax.adamw(learning_rate, weight_decay=weight_decay)
+    return optax.adam(learning_rate)
+
+
+def make_optimizer(
+    optimizer: str | TrainConfig = "sgd",
+    learning_rate: float | Callable | None = None,
+    *,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+    """The optax optimizer of the finite-network trainer.
+
+    ``'sgd'`` is exactly ``torch.optim.SGD(lr, momentum, weight_decay)`` as MTT and DATM
+    use it (``g = grad + wd * p; buf = m * buf + g; p -= lr * buf``):
+    ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum))`` with the
+    learning rate, momentum and weight decay injected as state. ``'adam'`` is
+    ``optax.adam(lr)``, or ``optax.adamw(lr, weight_decay=wd)`` (decoupled) when
+    ``wd > 0``, with the learning rate injected.
+
+    Args:
+      optimizer: ``'sgd'`` or ``'adam'``, or a :class:`TrainConfig` (its ``optimizer``,
+        ``learning_rate``, ``momentum`` and ``weight_decay``; the other arguments must
+        then be left out).
+      learning_rate: a number, or an optax schedule ``step -> learning rate`` (e.g.
+        ``optax.cosine_decay_schedule(0.1, 1000)``).
+      momentum: SGD's heavy-ball momentum in [0, 1) (ignored by Adam).
+      weight_decay: L2 weight decay (>= 0).
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state keeps the hyperparameters
+      (``opt_state.hyperparams``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> opt = make_optimizer("sgd", 0.1, momentum=0.9)
+      >>> state = init({"w": jnp.ones(2)}, opt)
+      >>> round(float(state.opt_state.hyperparams["learning_rate"]), 6)  # float32
+      0.1
+    """
+    if isinstance(optimizer, TrainConfig):
+        if learning_rate is not None or momentum or weight_decay:
+            raise ValueError("make_optimizer(config): take the hyperparameters from the "
+                             "TrainConfig; do not pass them as well.")
+        c = optimizer
+        return make_optimizer(c.optimizer, c.learning_rate, momentum=c.momentum,
+                              weight_decay=c.weight_decay)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}: use one of {list(OPTIMIZERS)}.")
+    if learning_rate is None:
+        raise ValueError("make_optimizer needs a learning_rate (a number or a schedule).")
+    if not callable(learning_rate) and not _is_pos_real(learning_rate):
+        raise ValueError(
+            f"learning_rate must be a positive finite number or a schedule, got "
+            f"{learning_rate!r}."
+        )
+    if not (_is_real(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}.")
+    if not (_is_real(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}.")
+    if optimizer == "sgd":
+        return optax.inject_hyperparams(_sgd, hyperparam_dtype=jnp.float32)(
+            learning_rate, float(momentum), float(weight_decay))
+    return optax.inject_hyperparams(_adam, static_args=("weight_decay",),
+                                    hyperparam_dtype=jnp.float32)(
+        learning_rate, float(weight_decay))
+
+
+def init(params, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh :class:`TrainState`: ``params`` and ``optimizer.init(params)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = init({"w": jnp.zeros(3)}, make_optimizer("adam", 1e-3))
+      >>> s.params["w"].shape
+      (3,)
+    """
+    return TrainState(params, optimizer.init(params))
+
+
+def set_hyperparams(state: TrainState, **values) -> TrainState:
+    """``state`` with hyperparameters replaced, e.g. ``learning_rate=0.001``.
+
+    The names are those of ``state.opt_state.hyperparams`` (``'learning_rate'``; for SGD
+    also ``'momentum'`` and ``'weight_decay'``). The step function is not recompiled.
+    """
+    hp = state.opt_state.hyperparams
+    unknown = sorted(set(values) - set(hp))
+    if unknown:
+        raise ValueError(f"Unknown hyperparameter(s) {unknown}: this optimizer has "
+                         f"{sorted(hp)}.")
+    new = {**hp, **{k: jnp.asarray(v, hp[k].dtype) for k, v in values.items()}}
+    return TrainState(state.params, state.opt_state._replace(hyperparams=new))
+
+
+def momentum(state: TrainState):
+    """SGD's momentum buffer (a pytree like the parameters) in ``state``."""
+    return optax.tree_utils.tree_get(state.opt_state, "trace")
+
+
+def with_momentum(state: TrainState, buf) -> TrainState:
+    """``state`` with SGD's momentum buffer set to ``buf`` (e.g. restored from a file)."""
+    buf = jax.tree_util.tree_map(lambda b, p: jnp.asarray(b, jnp.asarray(p).dtype), buf,
+                                 state.params)
+    return TrainState(state.params, optax.tree_utils.tree_set(state.opt_state, trace=buf))
+
+
+def loss_fn(kind: str) -> Callable:
+    """``loss(out, y) -> (loss, labels)``: the training loss and the classes ``y`` means.
+
+    * ``'mse'``: ``0.5 * mean_i sum_c (out_ic - y_ic)^2``; classes ``argmax(y)``.
+    * ``'xent'``: softmax cross-entropy ``-mean_i log softmax(out_i)[y_i]`` on integer
+      classes ``y`` (B,), or on ``argmax(y)`` for (B, C) label vectors.
+    * ``'soft_xent'``: cross-entropy with the rows of ``y`` as target distributions.
+    * ``'logit_xent'``: cross-entropy with ``softmax(y)`` as the targets (DATM's soft
+      label logits).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> loss, labels = loss_fn("xent")(jnp.zeros((2, 4)), jnp.array([1, 3]))
+      >>> round(float(loss), 4), labels.tolist()
+      (1.3863, [1, 3])
+    """
+    if kind not in STEP_LOSSES:
+        raise ValueError(f"Unknown loss {kind!r}: use one of {list(STEP_LOSSES)}.")
+
     def loss(out, y):
         if kind == "mse":
-            return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1))
-        if soft:
-            return jnp.mean(optax.softmax_cross_entropy(out, y))
-        return jnp.mean(
-            optax.softmax_cross_entropy_with_integer_labels(out, jnp.argmax(y, axis=-1))
-        )
+            return 0.5 * jnp.mean(jnp.sum((out - y) ** 2, axis=-1)), jnp.argmax(y, axis=-1)
+        logp = jax.nn.log_softmax(out, axis=-1)
+        if kind == "xent":
+            labels = jnp.argmax(y, axis=-1) if y.ndim == 2 else y
+            return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1)), labels
+        target = y if kind == "soft_xent" else jax.nn.softmax(y, axis=-1)
+        return jnp.mean(jnp.sum(-logp * target, axis=-1)), jnp.argmax(y, axis=-1)
 
     return loss
 
 
-def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    lr, wd = config.learning_rate, config.weight_decay
-    if config.optimizer == "adam":
-        return optax.adamw(lr, weight_decay=wd) if wd else optax.adam(lr)
-    sgd = optax.sgd(lr, momentum=config.momentum or None)
-    return optax.chain(optax.add_decayed_weights(wd), sgd) if wd else sgd
+def make_step(
+    apply_fn: Callable,
+    loss: str,
+    optimizer: optax.GradientTransformation,
+    *,
+    augment: str = "none",
+    subsample: int | None = None,
+) -> Callable:
+    """One jit-compiled training step of the finite-network trainer.
+
+    The returned ``step(state, x, y, key, i, idx=None, f0=None)`` takes the minibatch
+    ``x[idx], y[idx]`` (``idx`` None: all of ``x``; with ``subsample``, ``subsample``
+    distinct rows drawn by ``jax.random.choice(fold_in(key, i), ...)``), augments it
+    with DSA (:func:`kipnb.augment.augment` with key ``fold_in(key, i)``) unless
+    ``augment='none'``, computes ``out = apply_fn(params, x) - f0`` (``f0``: the initial
+    network's outputs on ``x`` for a centered network; None: ``apply_fn(params, x)``),
+    and applies one optimizer update on the gradient of ``loss``. It returns
+    ``(state, loss, correct)``: the new :class:`TrainState`, the batch loss and the
+    number of rows whose ``argmax(out)`` is their class (device scalars; nothing is
+    synced). Shardings of the inputs (:mod:`kipnb.shard`) are kept by ``jax.jit``.
+
+    The step works with the state of any optimizer of the same kind from
+    :func:`make_optimizer`: the hyperparameters are read from the state.
+
+    Args:
+      apply_fn: ``(params, x) -> outputs (B, C)``.
+      loss: one of :data:`STEP_LOSSES` (see :func:`loss_fn`).
+      optimizer: from :func:`make_optimizer`.
+      augment: a DSA strategy, or ``'none'``.
+      subsample: rows per step drawn at random (None: ``idx`` or all rows).
+
+    Returns:
+      The jitted step function.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> opt = make_optimizer("sgd", 0.5)
+      >>> step = make_step(lambda p, x: x @ p["w"], "mse", opt)
+      >>> s = init({"w": jnp.zeros((2, 2))}, opt)
+      >>> x, y = jnp.eye(2), jnp.eye(2)
+      >>> for i in range(20):
+      ...     s, value, correct = step(s, x, y, jax.random.PRNGKey(0), i)
+      >>> float(value) < 1e-4, int(correct)
+      (True, 2)
+    """
+    loss_of = loss_fn(loss)  # an unknown DSA strategy is named by augment at the first step
+    if subsample is not None and not (_is_int(subsample) and subsample >= 1):
+        raise ValueError(f"subsample must be a positive integer or None, got {subsample!r}.")
+
+    @jax.jit
+    def step(state: TrainState, x, y, key, i, idx=None, f0=None):
+        n = x.shape[0]
+        step_key = jax.random.fold_in(key, i)
+        if idx is None and subsample is not None and subsample < n:
+            idx = jax.random.choice(step_key, n, (subsample,), replace=False)
+            step_key = jax.random.fold_in(step_key, 1)
+        if idx is not None:
+            x, y = jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0)
+            f0 = None if f0 is None else jnp.take(f0, idx, axis=0)
+        if augment != "none":
+            x = augment_lib.augment(step_key, x, augment, augment_lib.DSAParams())
+
+        def objective(params):
+            out = apply_fn(params, x)
+            if f0 is not None:
+                out = out - f0
+            value, labels = loss_of(out, y)
+            return value, jnp.sum(jnp.argmax(out, axis=-1) == labels)
+
+        (value, correct), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state), value, correct
+
+    return step
+
+
+def epoch(step: Callable, state: TrainState, x, y, perm, key, *, batch_size: int):
+    """One pass over the rows ``perm`` of ``(x, y)`` in minibatches of ``batch_size``.
+
+    Step ``s`` of the epoch trains on ``perm[s * batch_size:(s + 1) * batch_size]`` (the
+    last batch may be smaller) with key ``fold_in(key, s)`` (:func:`make_step`). Steps
+    are dispatched asynchronously; nothing is synced.
+
+    Returns:
+      ``(state, losses, correct, sizes)``: the new state, lists of the per-step losses
+      and correct counts (device scalars) and the batch sizes (ints).
+    """
+    losses, correct, sizes = [], [], []
+    for s, start in enumerate(range(0, len(perm), batch_size)):
+        idx = perm[start:start + batch_size]
+        state, value, c = step(state, x, y, key, s, idx)
+        losses.append(value)
+        correct.append(c)
+        sizes.append(len(idx))
+    return state, losses, correct, sizes
 
 
 @dataclass(frozen=True, eq=False)
@@ -370,9 +659,15 @@ class _Trainer:
     init_fn: Any
     opt: Any
     net: Any  # jitted (params, x) -> outputs
-    step: Any  # jitted (params, opt_state, x, y, f0, key, i) -> params, opt_state, loss
+    step: Any  # make_step(...): (state, x, y, key, i, None, f0) -> state, loss, correct
     loss: Any  # jitted (params, x, y, f0) -> loss
     predict: Any  # jitted (params, params0, xb) -> argmax classes (centered if configured)
+
+
+def _step_loss(config: TrainConfig) -> str:
+    if config.loss == "mse":
+        return "mse"
+    return "soft_xent" if config.soft_xent else "xent"
 
 
 @functools.lru_cache(maxsize=16)
@@ -388,26 +683,15 @@ def _trainer(config: TrainConfig, num_classes: int) -> _Trainer:
         width=config.resolved_width,
         num_classes=num_classes,
     )
-    opt = _optimizer(config)
-    loss_of = _loss_fn(config.loss, config.soft_xent)
-    batch_size = config.batch_size
+    opt = make_optimizer(config)
+    loss_of = loss_fn(_step_loss(config))
 
     def net(params, x):
         return apply_fn(params, x)
 
     def objective(params, x, y, f0):
         # f0: the initial network's outputs on x when centering, else zeros.
-        return loss_of(net(params, x) - f0, y)
-
-    @jax.jit
-    def step(params, opt_state, x, y, f0, key, i):
-        n = x.shape[0]
-        if batch_size is not None and batch_size < n:
-            idx = jax.random.choice(jax.random.fold_in(key, i), n, (batch_size,), replace=False)
-            x, y, f0 = x[idx], y[idx], f0[idx]
-        value, grads = jax.value_and_grad(objective)(params, x, y, f0)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        return loss_of(net(params, x) - f0, y)[0]
 
     @jax.jit
     def predict(params, params0, xb):
@@ -416,6 +700,7 @@ def _trainer(config: TrainConfig, num_classes: int) -> _Trainer:
             out = out - net(params0, xb)
         return jnp.argmax(out, axis=-1)
 
+    step = make_step(net, _step_loss(config), opt, subsample=config.batch_size)
     return _Trainer(init_fn, opt, jax.jit(net), step, jax.jit(objective), predict)
 
 
@@ -510,7 +795,7 @@ def train_network(
     params = shard.replicate(jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32),
                                                     params), m)
     params0 = params
-    opt_state = trainer.opt.init(params)
+    state = init(params, trainer.opt)
     batch_key = jax.random.fold_in(key, 1)
     x = _place(np.asarray(x_train, np.float32), m)
     y = _place(np.asarray(y_train, np.float32), m)
@@ -541,8 +826,9 @@ def train_network(
         for stop in _boundaries(config.steps, config.eval_every):
             losses = []
             for i in range(done, stop):  # dispatched asynchronously; synced once per chunk
-                params, opt_state, value = trainer.step(params, opt_state, x, y, f0, batch_key, i)
+                state, value, _ = trainer.step(state, x, y, batch_key, i, None, f0)
                 losses.append(value)
+            params = state.params
             losses = np.asarray(jax.device_get(losses))
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:

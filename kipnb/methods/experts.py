@@ -67,9 +67,11 @@ One difference: MTT's loop is ``for ep in range(Epoch + 1)``, one epoch more tha
 says; here ``epochs`` epochs are trained (``EvalConfig(epochs=1001)`` is MTT's 1000,
 including the decay point).
 
-Speed. One jit-compiled SGD step (gather the minibatch by index from the data kept on the
-device, augment, forward, backward, update) is shared by experts and evaluation and
-called from a Python loop (on CPU faster for ConvNets than a ``lax.scan``); the host
+Speed. One jit-compiled SGD step of the finite-network trainer
+(:func:`kipnb.train.make_step`: gather the minibatch by index from the data kept on the
+device, augment, forward, backward, the optax update of
+:func:`kipnb.train.make_optimizer`'s torch-exact SGD) is shared by experts and evaluation
+and called from a Python loop (on CPU faster for ConvNets than a ``lax.scan``); the host
 waits for the device once per epoch (experts) or every 50 epochs (evaluation). XLA's CPU
 backend computes the kernel gradient of a convolution with very few input channels (the
 first layer on 1- or 3-channel images) slowly: for Fashion-MNIST's first layer 150-440
@@ -101,7 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kipnb import augment as augment_lib
-from kipnb import checkpoint, nets, preprocess
+from kipnb import checkpoint, nets, preprocess, train
 from kipnb import data as data_lib
 from kipnb.checkpoint import CheckpointError
 from kipnb.checks import is_int as _is_int
@@ -121,16 +123,15 @@ __all__ = [
     "load_trajectories",
     "prepare",
     "reuse_host_memory",
-    "sgd_update",
     "train_experts",
 ]
 
 FORMAT = "kipnb.experts"
 FORMAT_VERSION = 1
-#: Preprocessings of :func:`prepare` / :class:`ExpertConfig`.
-PREPROCESSING = ("standardize", "zca", "none")
+#: Preprocessings of :func:`prepare` / :class:`ExpertConfig` (:func:`kipnb.data.prepare`
+#: names; ``'zca_kornia'`` is MTT's and DATM's ZCA, ``'zca'`` is refused as ambiguous).
+PREPROCESSING = ("standardize", "zca_kornia", "none")
 HIGHEST = jax.lax.Precision.HIGHEST
-_EVAL_BLOCK = 1000  # test images per forward pass
 _SYNC_EVERY = 50  # evaluation: epochs between host syncs (NaN check, progress bar)
 # Fields that may differ between the experts in a directory and a run adding to them.
 _FREE_FIELDS = {"num_experts"}
@@ -170,9 +171,11 @@ class ExpertConfig:
       batch_size: training images per step (MTT: 256).
       augment: DSA strategy (:func:`kipnb.augment.augment`); ``'none'`` turns it off.
       lr_decay: MTT's ``--decay`` (lr / 10 after epoch ``epochs // 2 + 1``).
-      preprocessing: ``'standardize'`` (per-channel mean/std), ``'zca'`` (MTT's and
-        DATM's CIFAR setting: kornia's ZCA with ``eps = zca_reg`` on [0, 1] pixels) or
-        ``'none'``; used by :func:`prepare`.
+      preprocessing: ``'standardize'`` (per-channel mean/std), ``'zca_kornia'`` (MTT's
+        and DATM's CIFAR setting: kornia's ZCA with ``eps = zca_reg`` on [0, 1] pixels)
+        or ``'none'`` (:func:`kipnb.data.prepare` names; ``'zca'``, KIP's relative ZCA, is
+        refused as ambiguous: files written before it was renamed read as
+        ``'zca_kornia'``).
       zca_reg: the ZCA regularizer (MTT: 0.1).
       seed: all random draws (initializations, shuffles, augmentations).
     """
@@ -214,8 +217,7 @@ class ExpertConfig:
         _check_strategy("ExpertConfig", self.augment)
         if not isinstance(self.lr_decay, bool):
             bad("lr_decay", "must be True or False.")
-        if self.preprocessing not in PREPROCESSING:
-            bad("preprocessing", f"use one of {list(PREPROCESSING)}.")
+        _check_preprocessing("ExpertConfig.preprocessing", self.preprocessing)
         if not (_is_real(self.zca_reg) and self.zca_reg > 0):
             bad("zca_reg", "must be a positive number (MTT: 0.1).")
         if not (_is_int(self.seed) and 0 <= self.seed < 2**32):
@@ -309,99 +311,27 @@ class EvalResult:
 # ----------------------------------------------------------------------------- data
 
 
-@dataclass(frozen=True, eq=False)
-class TMData:
-    """Preprocessed training and test sets (model space) and the fitted transform.
-
-    ``x_*``: float32 NHWC images; ``y_*``: int32 classes. ``transform`` maps pixel-space
-    images to model space (``apply``) and back (``invert``); None is allowed for data
-    that were built directly. ``class_names`` gives the number of classes (if empty:
-    the largest label + 1).
-    """
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    transform: Any = None
-    class_names: tuple[str, ...] = ()
-    dataset: str = "custom"
-
-    def __post_init__(self):
-        arrays = {}
-        for split in ("train", "test"):
-            x = np.asarray(getattr(self, f"x_{split}"), dtype=np.float32)
-            y = np.asarray(getattr(self, f"y_{split}"))
-            if x.ndim != 4:
-                raise ValueError(
-                    f"x_{split} must be NHWC images (N, H, W, C), got shape {x.shape}. Add a "
-                    f"channel axis (x[..., None]) for grayscale images."
-                )
-            if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
-                raise ValueError(
-                    f"y_{split} must be ({x.shape[0]},) integer classes, got "
-                    f"{y.dtype}{list(y.shape)}."
-                )
-            if x.shape[0] == 0:
-                raise ValueError(f"x_{split} is empty.")
-            arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y.astype(np.int32)
-        if arrays["x_test"].shape[1:] != arrays["x_train"].shape[1:]:
-            raise ValueError(
-                f"Training images are {arrays['x_train'].shape[1:]} but test images are "
-                f"{arrays['x_test'].shape[1:]}."
-            )
-        for k, v in arrays.items():
-            object.__setattr__(self, k, v)
-        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
-        c = self.num_classes
-        for split in ("train", "test"):
-            y = arrays[f"y_{split}"]
-            if y.min() < 0 or y.max() >= c:
-                raise ValueError(
-                    f"y_{split} spans [{y.min()}, {y.max()}] but there are {c} classes "
-                    f"(class_names)."
-                )
-
-    @property
-    def num_classes(self) -> int:
-        if self.class_names:
-            return len(self.class_names)
-        return int(max(self.y_train.max(), self.y_test.max())) + 1
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.x_train.shape[1:])  # type: ignore[return-value]
-
-    def fingerprint(self) -> str:
-        """A short hash of the training data, stored with the experts to catch mix-ups."""
-        return checkpoint.data_fingerprint(self.x_train, self.y_train)
-
-    def _device(self) -> dict:
-        """The arrays as device arrays (made once, then cached on this object); the test
-        set padded to a multiple of the evaluation block with label -1."""
-        cache = self.__dict__.get("_device_cache")
-        if cache is None:
-            n = len(self.x_test)
-            block = min(_EVAL_BLOCK, n)
-            pad = -n % block
-            x_t = np.concatenate([self.x_test, np.zeros((pad, *self.image_shape), np.float32)])
-            y_t = np.concatenate([self.y_test, np.full((pad,), -1, np.int32)])
-            cache = {"x_train": jnp.asarray(self.x_train), "y_train": jnp.asarray(self.y_train),
-                     "x_test": jnp.asarray(x_t), "y_test": jnp.asarray(y_t), "block": block}
-            object.__setattr__(self, "_device_cache", cache)
-        return cache
+#: The experts' data: :class:`kipnb.data.Data` (one data type for every method).
+TMData = data_lib.Data
 
 
 def _make_transform(preprocessing: str, zca_reg: float) -> preprocess.Pipeline:
+    _check_preprocessing("preprocessing", preprocessing)
+    return preprocess.make(preprocessing, zca_reg=zca_reg)
+
+
+def _check_preprocessing(owner: str, preprocessing) -> None:
+    if preprocessing == "zca":
+        raise ValueError(
+            f"{owner}='zca' is ambiguous: MTT's and DATM's ZCA (kornia's, absolute eps = "
+            f"zca_reg on the [0, 1] pixels; what 'zca' meant for the experts before) is now "
+            f"'zca_kornia'; KIP's trace-relative ZCA is 'zca' in kipnb.data.prepare. Use "
+            f"preprocessing='zca_kornia' for the papers' CIFAR setting."
+        )
     if preprocessing not in PREPROCESSING:
         raise ValueError(
-            f"Unknown preprocessing {preprocessing!r}: use one of {list(PREPROCESSING)}."
+            f"{owner}={preprocessing!r}: use one of {list(PREPROCESSING)}."
         )
-    if preprocessing == "zca":
-        # MTT/DATM: ToTensor only (pixels in [0, 1]), then kornia's ZCAWhitening(eps=0.1),
-        # an absolute regularizer.
-        return preprocess.make("zca", zca_reg=zca_reg, relative=False)
-    return preprocess.make(preprocessing)
 
 
 def prepare(
@@ -413,47 +343,40 @@ def prepare(
     n_train: int | None = None,
     n_test: int | None = None,
 ) -> TMData:
-    """Load ``dataset``, fit the preprocessing on its training split, apply it to both.
+    """:func:`kipnb.data.prepare` restricted to the experts' preprocessings.
 
-    ``preprocessing``: ``'standardize'`` (per-channel mean and std), ``'zca'`` (MTT's
-    and DATM's CIFAR setting: ZCA whitening of the [0, 1] pixels with the absolute
-    regularizer ``zca_reg``, kornia's ``ZCAWhitening(eps=0.1)``) or ``'none'``.
-    ``n_train`` / ``n_test`` keep the first images of each split (quick experiments).
+    ``preprocessing``: ``'standardize'``, ``'zca_kornia'`` (MTT's and DATM's CIFAR
+    setting) or ``'none'``; ``'zca'`` is refused as ambiguous (the error names both
+    ZCAs).
     """
-    transform = _make_transform(preprocessing, zca_reg)
-    train = data_lib.load(dataset, "train", data_dir)
-    test = data_lib.load(dataset, "test", data_dir)
-    x_tr, y_tr, x_te, y_te = train.images, train.labels, test.images, test.labels
-    if n_train is not None:
-        x_tr, y_tr = x_tr[:n_train], y_tr[:n_train]
-    if n_test is not None:
-        x_te, y_te = x_te[:n_test], y_te[:n_test]
-    transform = transform.fit(x_tr)
-    return TMData(
-        x_train=np.asarray(transform.apply(x_tr), np.float32),
-        y_train=np.asarray(y_tr, np.int32),
-        x_test=np.asarray(transform.apply(x_te), np.float32),
-        y_test=np.asarray(y_te, np.int32),
-        transform=transform,
-        class_names=tuple(train.class_names),
-        dataset=dataset,
-    )
+    _check_preprocessing("preprocessing", preprocessing)
+    return data_lib.prepare(dataset, preprocessing, zca_reg=zca_reg, data_dir=data_dir,
+                            n_train=n_train, n_test=n_test)
 
 
-# ------------------------------------------------------------------- the SGD step
+# ------------------------------------------------------------ the SGD step (kipnb.train)
 
 
-def sgd_update(params, buf, grads, lr, momentum, weight_decay):
-    """One ``torch.optim.SGD`` step (no dampening, no Nesterov) on pytrees.
+def _loss_kind(y) -> str:
+    """Hard labels ``(B,)``: ``'xent'``; soft-label logits ``(B, C)``: ``'logit_xent'``."""
+    return "logit_xent" if y.ndim == 2 else "xent"
 
-    ``g = grad + weight_decay * p``; ``buf = momentum * buf + g``; ``p = p - lr * buf``.
-    ``buf`` starts as zeros (torch's first step sets ``buf = g``: the same). Returns
-    ``(params, buf)``.
-    """
-    g = jax.tree_util.tree_map(lambda gr, p: gr + weight_decay * p, grads, params)
-    buf = jax.tree_util.tree_map(lambda b, gi: momentum * b + gi, buf, g)
-    params = jax.tree_util.tree_map(lambda p, b: p - lr * b, params, buf)
-    return params, buf
+
+@functools.lru_cache(maxsize=32)
+def _step_for(net, strategy: str, loss: str):
+    """The trainer's jitted step for ``net`` (:func:`apply_fn`), compiled once per network,
+    DSA strategy and loss; SGD's hyperparameters are read from the state."""
+    return train.make_step(apply_fn(net), loss, _SGD, augment=strategy)
+
+
+#: The experts' and evaluation's optimizer (torch.optim.SGD); its lr, momentum and weight
+#: decay live in each TrainState.
+_SGD = train.make_optimizer("sgd", 0.01)
+
+
+def _sgd_state(params, lr: float, momentum: float, weight_decay: float) -> train.TrainState:
+    opt = train.make_optimizer("sgd", lr, momentum=momentum, weight_decay=weight_decay)
+    return train.init(params, opt)
 
 
 def apply_fn(net) -> Callable:
@@ -469,36 +392,6 @@ def apply_fn(net) -> Callable:
     return net.apply
 
 
-def _loss_and_correct(logits, y):
-    """Cross-entropy (hard labels ``(B,)`` or soft-label logits ``(B, C)``), # correct."""
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    if y.ndim == 2:
-        loss = jnp.mean(jnp.sum(-logp * jax.nn.softmax(y, axis=-1), axis=-1))
-        labels = jnp.argmax(y, axis=-1)
-    else:
-        loss = -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
-        labels = y
-    return loss, jnp.sum(jnp.argmax(logits, axis=-1) == labels)
-
-
-@functools.partial(jax.jit, static_argnames=("net", "strategy"))
-def _train_step(params, buf, x_all, y_all, idx, key, step, lr, momentum, weight_decay, *,
-                net, strategy):
-    """Gather the minibatch ``idx``, augment it, one SGD step: (params, buf, loss, correct)."""
-    x = jnp.take(x_all, idx, axis=0)
-    y = jnp.take(y_all, idx, axis=0)
-    x = augment_lib.augment(jax.random.fold_in(key, step), x, strategy,
-                            augment_lib.DSAParams())
-    forward = apply_fn(net)
-
-    def objective(p):
-        return _loss_and_correct(forward(p, x), y)
-
-    (loss, correct), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    params, buf = sgd_update(params, buf, grads, lr, momentum, weight_decay)
-    return params, buf, loss, correct
-
-
 @functools.partial(jax.jit, static_argnames=("net",))
 def _count_correct(params, x, y, *, net):
     return jnp.sum(jnp.argmax(net.apply(params, x), axis=-1) == y)
@@ -506,7 +399,7 @@ def _count_correct(params, x, y, *, net):
 
 def _test_accuracy(net, params, d: TMData) -> jax.Array:
     """Test accuracy on the whole test set (blocks of up to 1000 images); a device scalar."""
-    dev = d._device()
+    dev = d.device()
     block, x, y = dev["block"], dev["x_test"], dev["y_test"]
     correct = [_count_correct(params, x[s:s + block], y[s:s + block], net=net)
                for s in range(0, x.shape[0], block)]
@@ -515,17 +408,14 @@ def _test_accuracy(net, params, d: TMData) -> jax.Array:
 
 def _epoch(net, params, buf, x, y, perm: np.ndarray, key, *, batch_size: int, strategy: str,
            lr: float, momentum: float, weight_decay: float):
-    """One pass over ``perm`` in minibatches; returns params, buf and device arrays of the
-    per-step losses, correct counts and batch sizes (nothing is synced here)."""
-    losses, correct, sizes = [], [], []
-    for step, start in enumerate(range(0, len(perm), batch_size)):
-        idx = perm[start:start + batch_size]
-        params, buf, loss, c = _train_step(params, buf, x, y, idx, key, step, lr, momentum,
-                                           weight_decay, net=net, strategy=strategy)
-        losses.append(loss)
-        correct.append(c)
-        sizes.append(len(idx))
-    return params, buf, losses, correct, sizes
+    """One pass over ``perm`` (:func:`kipnb.train.epoch`) from ``params`` and the momentum
+    buffer ``buf``; returns params, buf and device arrays of the per-step losses, correct
+    counts and batch sizes (nothing is synced here)."""
+    state = train.with_momentum(_sgd_state(params, lr, momentum, weight_decay), buf)
+    state, losses, correct, sizes = train.epoch(
+        _step_for(net, strategy, _loss_kind(y)), state, x, y, perm, key,
+        batch_size=batch_size)
+    return state.params, train.momentum(state), losses, correct, sizes
 
 
 def reuse_host_memory() -> bool:
@@ -648,6 +538,8 @@ def _expert_files(out_dir: Path) -> dict[int, Path]:
 
 def _read_meta(path: Path) -> dict:
     meta = checkpoint.read_meta(path)  # CheckpointError naming the file if unreadable
+    if isinstance(meta.get("config"), dict) and meta["config"].get("preprocessing") == "zca":
+        meta["config"]["preprocessing"] = "zca_kornia"  # written before the rename
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(
             f"{path} is not a kipnb expert file (no '{FORMAT}' meta). It was left in place; "
@@ -758,7 +650,7 @@ def train_experts(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.num_experts * E, initial=done_before, desc="experts")
-    dev = data._device()
+    dev = data.device()
     x, y = dev["x_train"], dev["y_train"]
     n = len(data.x_train)
     base = jax.random.PRNGKey(config.seed)
@@ -1007,7 +899,8 @@ def evaluate(
     if not isinstance(config, EvalConfig):
         raise TypeError(f"config must be an EvalConfig, got {type(config).__name__}.")
     if not isinstance(data, TMData):
-        raise TypeError(f"data must be a TMData (experts.prepare), got {type(data).__name__}.")
+        raise TypeError(f"data must be a kipnb.data.Data (data.prepare), got "
+                        f"{type(data).__name__}.")
     images, labels = _check_eval_inputs(images, labels, data, net, lr)
     lr = float(lr)
     t0 = time.perf_counter()
@@ -1020,22 +913,23 @@ def evaluate(
 
         bar = tqdm(total=config.num_seeds * config.epochs, desc="evaluate")
     test_accs, train_accs = [], []
+    step = _step_for(net, config.augment, _loss_kind(labels))
     try:
         for s in range(config.num_seeds):
             key_s = jax.random.fold_in(base, s)
             params = _init(jax.random.fold_in(key_s, 0), net=net, shape=data.image_shape)
-            buf = _zeros_like(params)
+            state = _sgd_state(params, lr, config.momentum, config.weight_decay)
             pending = []  # (epoch, losses) not yet checked on the host
             last_correct = None
             for ep in range(config.epochs):
                 perm = np.random.default_rng([config.seed, 1, s, ep]).permutation(n)
-                params, buf, losses, correct, _ = _epoch(
-                    net, params, buf, x, y, perm, jax.random.fold_in(key_s, 1 + ep),
-                    batch_size=config.batch_size, strategy=config.augment,
-                    lr=config.lr_at(lr, ep), momentum=config.momentum,
-                    weight_decay=config.weight_decay)
-                if ep == config.epochs // 2 + 1:
-                    buf = _zeros_like(buf)  # MTT: a new optimizer with lr / 10
+                if ep == config.epochs // 2 + 2:
+                    # MTT: after epoch epochs // 2 + 1, a new optimizer (no momentum) with lr / 10
+                    state = _sgd_state(state.params, config.lr_at(lr, ep), config.momentum,
+                                       config.weight_decay)
+                state, losses, correct, _ = train.epoch(
+                    step, state, x, y, perm, jax.random.fold_in(key_s, 1 + ep),
+                    batch_size=config.batch_size)
                 pending.append((ep, jnp.stack(losses)))
                 last_correct = correct
                 if len(pending) >= _SYNC_EVERY or ep == config.epochs - 1:
@@ -1055,6 +949,7 @@ def evaluate(
                     if bar is not None:
                         bar.update(len(pending))
                     pending = []
+            params = state.params
             if not bool(jnp.all(jnp.isfinite(nets.flatten_params(params)))):
                 raise TrainingDivergedError(
                     f"Evaluation network {s} (seed index): the parameters became NaN/Inf "

@@ -120,7 +120,8 @@ class KIPConfig:
       target_sampling: ``'class_balanced'`` or ``'uniform'``.
       learn_labels, learn_images: which parts of the support set are learned.
       reg: KRR's relative ridge, ``lam = reg * trace(K_ss) / n_s``.
-      preprocessing, zca_reg: :func:`kipnb.preprocess.make` method and ZCA strength.
+      preprocessing, zca_reg: :func:`kipnb.data.prepare` method (``'zca'``: KIP's
+        relative ZCA; ``'zca_kornia'``: MTT's absolute one) and ZCA strength.
       init: ``'real'`` (class-balanced random training images) or ``'noise'``
         (standard normal images in model space).
       seed: initialization and target batches.
@@ -222,25 +223,8 @@ class BatchSampler(Protocol):
     def sample(self, step: int, support: dict) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
-@dataclass(frozen=True, eq=False)
-class KIPData:
-    """Preprocessed training and test arrays (model space) and the fitted transform."""
-
-    x_train: np.ndarray
-    labels_train: np.ndarray
-    x_test: np.ndarray
-    labels_test: np.ndarray
-    transform: Any
-    class_names: tuple[str, ...]
-    dataset: str
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def fingerprint(self) -> str:
-        """A short hash of the training data, stored in checkpoints to catch mix-ups."""
-        return checkpoint.data_fingerprint(self.x_train, self.labels_train)
+#: KIP's data: :class:`kipnb.data.Data` (one data type for every method).
+KIPData = data.Data
 
 
 @dataclass(frozen=True, eq=False)
@@ -259,27 +243,14 @@ def prepare(
     data_dir=None,
     n_train: int | None = None,
 ) -> KIPData:
-    """Load ``config.dataset``, fit ``config.preprocessing`` on its training split.
+    """:func:`kipnb.data.prepare` with ``config``'s dataset, preprocessing and ``zca_reg``.
 
-    ``n_train`` keeps the first ``n_train`` training images (quick experiments). Returns
-    float32 arrays in model space.
+    ``config``: a :class:`KIPConfig` or a dataset name (then the default preprocessing).
+    ``n_train`` keeps the first ``n_train`` training images (quick experiments).
     """
     cfg = config if isinstance(config, KIPConfig) else KIPConfig(dataset=config)
-    train = data.load(cfg.dataset, "train", data_dir)
-    test = data.load(cfg.dataset, "test", data_dir)
-    x_tr, y_tr = train.images, train.labels
-    if n_train is not None:
-        x_tr, y_tr = x_tr[:n_train], y_tr[:n_train]
-    transform = preprocess.make(cfg.preprocessing, zca_reg=cfg.zca_reg).fit(x_tr)
-    return KIPData(
-        x_train=np.asarray(transform.apply(x_tr), np.float32),
-        labels_train=np.asarray(y_tr),
-        x_test=np.asarray(transform.apply(test.images), np.float32),
-        labels_test=np.asarray(test.labels),
-        transform=transform,
-        class_names=train.class_names,
-        dataset=cfg.dataset,
-    )
+    return data.prepare(cfg.dataset, cfg.preprocessing, zca_reg=cfg.zca_reg,
+                        data_dir=data_dir, n_train=n_train)
 
 
 def kernel_for(config: KIPConfig, num_classes: int = 10) -> Callable:

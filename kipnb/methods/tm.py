@@ -274,7 +274,7 @@ def start_epoch_window(config: TMConfig, iteration: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------ parameter sets
 
 _CIFAR_EXPERTS = dict(dataset="cifar10", width=128, depth=3, num_experts=100, epochs=50,
-                      lr=0.01, batch_size=256, preprocessing="zca", zca_reg=0.1)
+                      lr=0.01, batch_size=256, preprocessing="zca_kornia", zca_reg=0.1)
 _FASHION_EXPERTS = dict(dataset="fashion_mnist", width=32, depth=3, num_experts=5, epochs=8,
                         lr=0.01, batch_size=256, preprocessing="standardize")
 
