@@ -201,8 +201,12 @@ def _put(tree, i, value):
     return jax.tree_util.tree_map(lambda a, v: a.at[i].set(v), tree, value)
 
 
-@functools.lru_cache(maxsize=16)
 def _fns(config: FRePoConfig, input_shape: tuple, num_classes: int):
+    return _compiled(rfad.step_key(config), input_shape, num_classes)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(config: FRePoConfig, input_shape: tuple, num_classes: int):
     net = config.net(num_classes)
     opt = optax.multi_transform(
         {"main": optax.adam(config.learning_rate), "frozen": optax.set_to_zero()},

@@ -81,6 +81,8 @@ __all__ = [
     "random_feature_kernel",
     "random_features",
     "rfad_loss",
+    "step_key",
+    "target_indices",
     "run",
     "update",
 ]
@@ -213,6 +215,7 @@ def _gaussian_params(key, net: nets.ConvNet, input_shape, W_std, b_std, dtype=jn
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), out)
 
 
+@functools.partial(jax.jit, static_argnames=("n_models", "width", "depth", "W_std", "b_std"))
 def random_features(key, x, n_models: int, *, width: int = 64, depth: int = 3,
                     W_std: float = math.sqrt(2.0), b_std: float = 0.1) -> jax.Array:
     """Features ``F (N, n_models * D)`` of ``n_models`` random ConvNets drawn from ``key``.
@@ -297,8 +300,19 @@ def _optimizer(config: RFADConfig):
     return opt
 
 
-@functools.lru_cache(maxsize=16)
+def step_key(config):
+    """``config`` with the fields that do not change a step's computation normalized
+    (steps, evaluation, checkpoints): the key of the compiled-step cache."""
+    return dataclasses.replace(config, steps=0, eval_every=0, eval_test_size=1,
+                               eval_models=1, checkpoint_every=0)
+
+
 def _step_fn(config: RFADConfig):
+    return _compiled_step(step_key(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_step(config: RFADConfig):
     opt = _optimizer(config)
     kw = dict(width=config.width, depth=config.depth, W_std=config.W_std, b_std=config.b_std)
 
@@ -397,7 +411,7 @@ class RandomFeatureEvaluator:
         self.kw = dict(width=config.width, depth=config.depth, W_std=config.W_std,
                        b_std=config.b_std)
         self.config = config
-        feats = [random_features(self.key, jnp.asarray(d.x_test[i:i + 500]),
+        feats = [random_features(self.key, jnp.asarray(d.x_test[i:min(i + 500, n)]),
                                  config.eval_models, **self.kw) for i in range(0, n, 500)]
         self.f_test = jnp.concatenate(feats)
         self.y_test = np.asarray(d.labels_test[:n])
