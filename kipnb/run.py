@@ -60,7 +60,7 @@ def default_notebook_dir() -> Path:
 def find_notebooks(selection: Sequence[str] = (), notebook_dir: Path | None = None) -> list[Path]:
     """Notebooks by path, name (``02_label_solve``) or number prefix (``02``); all by default."""
     notebook_dir = Path(notebook_dir or default_notebook_dir())
-    available = sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb"))
+    available = sorted(notebook_dir.glob("[0-9][0-9]*_*.ipynb"))
     if not selection:
         if not available:
             raise RunError(f"No notebooks found in {notebook_dir}.")

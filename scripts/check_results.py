@@ -53,7 +53,7 @@ def check(run_dir: Path, floors: dict, notebook_dir: Path = ROOT / "notebooks") 
     if not summary_path.is_file():
         return [f"{summary_path} is missing: did make run finish?"]
     summary = {Path(r["notebook"]).stem: r for r in json.loads(summary_path.read_text())}
-    for nb in sorted(notebook_dir.glob("[0-9][0-9]_*.ipynb")):
+    for nb in sorted(notebook_dir.glob("[0-9][0-9]*_*.ipynb")):
         name = nb.stem
         r = summary.get(name)
         if r is None:
