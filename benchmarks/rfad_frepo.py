@@ -24,7 +24,8 @@ be checked against the papers' tables here (the search index did not hold the ta
 
 Speed (all four in one process, interleaved in rounds so that machine load hits all)::
 
-    python benchmarks/rfad_frepo.py speed --ipc 1 --rounds 6 --out benchmarks/results/speed_rfad_frepo.json
+    python benchmarks/rfad_frepo.py speed --ipc 1 --rounds 6 \\
+        --out benchmarks/results/rfad_frepo_speed_ipc1.json
 
 RFAD, FRePo, KIP with the FC kernel and KIP with the exact ConvNet kernel
 (:mod:`kipnb.kip`, ``arch='conv'``) each run ``--chunk`` steps per round, resuming from
@@ -48,8 +49,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
 
 from kipnb import evaluate, frepo, kip, rfad  # noqa: E402
 from kipnb.results import machine_info, write_json  # noqa: E402
@@ -186,7 +185,7 @@ def speed(a):
         out["methods"][k] = {"steps_per_second": sps, "seconds_to_target": reach,
                              "curve": r.curve, "config": dataclasses.asdict(r.config)}
     base = out["methods"]["kip-conv"]["steps_per_second"]
-    for k, m in out["methods"].items():
+    for m in out["methods"].values():
         m["speed_vs_kip_conv"] = (m["steps_per_second"] / base
                                   if base and m["steps_per_second"] else None)
     out["wall_seconds"] = time.perf_counter() - t_start
