@@ -8,7 +8,7 @@ import importlib
 
 import pytest
 
-MODULES = ["checks", "distilled", "preprocess", "archs", "label_solve", "evaluate"]
+MODULES = ["checks", "distilled", "preprocess", "archs", "label_solve", "evaluate", "rfad", "frepo"]
 
 
 @pytest.mark.parametrize("name", MODULES)
