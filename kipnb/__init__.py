@@ -5,7 +5,8 @@ The public API, in the order of the method ladder (each a module, imported on fi
 * data layer: ``data`` (datasets), ``preprocess`` (standardize, layer norm, ZCA)
 * the contract: ``distilled`` (:class:`DistilledSet`, format 2)
 * kernels: ``stax`` (neural_tangents.stax API), ``archs`` (named kernels)
-* ``krr`` (KRR), ``label_solve`` (Label Solve), ``kip`` (KIP), ``sampling``
+* ``krr`` (KRR), ``label_solve`` (Label Solve), ``kip`` (KIP), ``rfad`` and
+  ``frepo`` (KIP's affordable successors), ``sampling``
   (importance init and batches)
 * finite networks: ``nets``, ``train`` (KIP's transfer trainer), ``augment`` (DSA),
   ``experts`` (expert trajectories, MTT's evaluation trainer), ``tm`` (MTT, DATM)
@@ -41,6 +42,8 @@ LOCATIONS = {
     "krr": "kipnb.methods.krr",
     "label_solve": "kipnb.methods.label_solve",
     "kip": "kipnb.methods.kip",
+    "rfad": "kipnb.methods.rfad",
+    "frepo": "kipnb.methods.frepo",
     "sampling": "kipnb.methods.sampling",
     "nets": "kipnb.finite.nets",
     "train": "kipnb.finite.train",

@@ -141,6 +141,17 @@ def check_08(r):
     assert r["skipped"] == [] and r["n_test_conv"] == 50
 
 
+def check_04b(r):
+    assert r["kernel_ms_per_pair"]["conv"] > r["kernel_ms_per_pair"]["fc"]
+    for w, errs in r["rf_relative_error"]["by_width"].items():
+        assert errs[-1] < errs[0], (w, errs)  # more random nets, smaller error
+    rows = {row["set"]: row for row in r["rows"]}
+    assert set(rows) == {"real (start)", "KIP FC", "RFAD", "FRePo"}
+    for name in ("RFAD", "FRePo"):
+        assert rows[name]["krr_conv"] > 0.5, rows  # chance 0.1
+        assert 0.2 < rows[name]["convnet"]["mean"] <= 1, rows
+    assert rows["RFAD"]["krr_fc"] > rows["real (start)"]["krr_fc"] - 0.05, rows
+
 # Tiny parameters per notebook (keys: notebook stems) and the checks on its results.
 TINY = {
     "00_datasets": ({"DATASET": "digits", "IPC_SHOW": 2, "N_FIT": None}, check_00),
@@ -171,6 +182,14 @@ TINY = {
          "LS_TARGETS": None, "N_TEST_CONV": 200, "FC_NET_DEPTH": 2, "FC_WIDTH": 256, "CONV_WIDTH": 16,
          "TRAIN_STEPS": 200, "SEEDS": [0, 1]},
         check_04,
+    ),
+    "04b_rfad_frepo": (
+        {"DATASET": "digits", "IPC": 2, "PAIR_IMAGES": 2, "KERNEL_IMAGES": 3, "N_NETS": [1, 8],
+         "RF_WIDTHS": [32], "RFAD_STEPS": 20, "RFAD_MODELS": 2, "RFAD_WIDTH": 16,
+         "FREPO_STEPS": 20, "FREPO_POOL": 2, "FREPO_WIDTH": 16, "FREPO_MAX_ONLINE": 5,
+         "TARGET_BATCH": 200, "KIP_STEPS": 20, "EVAL_EVERY": 10, "N_TEST": 300,
+         "N_TEST_CONV": 100, "N_TEST_NET": 300, "SEEDS": 1, "EVAL_EPOCHS": 30},
+        check_04b,
     ),
     "05_importance_sampling": (
         {"DATASET": "digits", "DEPTH": 2, "IPCS": [1, 2], "SEEDS": [0, 1], "STEPS": 10,
@@ -216,7 +235,7 @@ def test_committed_clean_with_required_cells(nb):
     assert all(c.get("execution_count") is None for c in code), f"{nb.name}: execution counts"
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{nb.name} needs exactly one cell tagged 'parameters'"
-    assert re.match(r"^\d\d_\w+\.ipynb$", nb.name)
+    assert re.match(r"^\d\d[a-z]?_\w+\.ipynb$", nb.name)
     first = "".join(cells[0]["source"])
     assert cells[0]["cell_type"] == "markdown" and first.startswith("# ")
     assert colab.badge_markdown(nb.name) in first, f"{nb.name}: Colab badge missing or stale"

@@ -267,6 +267,8 @@ class ConvNet:
     def apply(self, params: dict, x: jax.Array, *, conv: str = "xla") -> jax.Array:
         """Logits ``(N, num_classes)`` for NHWC images ``x`` of shape ``(N, H, W, C)``.
 
+        ``apply(params, x) == features(params, x) @ params['head']['w'] + params['head']['b']``.
+
         ``conv`` picks how the 3x3 convolutions are computed; all three are the same
         function (equal up to float rounding), they differ in speed on CPU:
         ``'xla'``: ``lax.conv_general_dilated``. ``'im2col'``: one matrix product of image
@@ -293,8 +295,32 @@ class ConvNet:
                 f"Channel mismatch: the images have {x.shape[-1]} channels (last axis of NHWC) "
                 f"but the parameters were initialized for {c_params}. Are the images NCHW?"
             )
+        x = self.features(params, x, conv=conv)
+        return jnp.matmul(x, params["head"]["w"], precision=HIGHEST) + params["head"]["b"]
+
+    def features(self, params: dict, x: jax.Array, *, conv: str = "xla") -> jax.Array:
+        """The flattened features ``(N, H' * W' * width)`` entering the classifier.
+
+        The last conv block's output, flattened in (H, W, C) order: what RFAD's random
+        ConvNets and FRePo's model pool regress on (:mod:`kipnb.rfad`, :mod:`kipnb.frepo`).
+        ``params['head']`` is not used (it may be absent). ``conv`` as in :meth:`apply`.
+
+        Example:
+            >>> net = ConvNet(width=8, depth=2, norm="none")
+            >>> p = net.init(jax.random.key(0), (8, 8, 1))
+            >>> net.features(p, jnp.ones((3, 8, 8, 1))).shape
+            (3, 32)
+        """
+        if conv not in CONV_IMPLS:
+            raise ValueError(f"Unknown conv {conv!r}: use one of {list(CONV_IMPLS)}.")
+        x = jnp.asarray(x)
+        if x.ndim != 4:
+            raise ValueError(
+                f"ConvNet expects NHWC images of shape (N, H, W, C), got shape {x.shape} "
+                f"({x.ndim}-D). Add a batch axis (x[None]) or a channel axis (x[..., None])."
+            )
         fh, fw, fc = self.feature_shape(x.shape)
-        n_feat = params["head"]["w"].shape[0]
+        n_feat = params["head"]["w"].shape[0] if "head" in params else fh * fw * fc
         if fh * fw * fc != n_feat:
             raise ValueError(
                 f"Images of {x.shape[1]}x{x.shape[2]} give {fh}x{fw}x{fc} = {fh * fw * fc} "
@@ -308,8 +334,7 @@ class ConvNet:
             if self.norm == "instancenorm":
                 x = instance_norm(x, block["norm"]["scale"], block["norm"]["bias"])
             x = _avg_pool(jax.nn.relu(x))
-        x = x.reshape(x.shape[0], -1)
-        return jnp.matmul(x, params["head"]["w"], precision=HIGHEST) + params["head"]["b"]
+        return x.reshape(x.shape[0], -1)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""kipnb.frepo: learning, the model pool's resets, exact resume, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from kipnb import evaluate, frepo, kip
+from kipnb.checkpoint import CheckpointError
+from kipnb.distilled import DistilledSet
+
+TINY = frepo.FRePoConfig(dataset="digits", ipc=2, steps=24, width=16, pool_size=3,
+                         max_online_steps=6, target_batch_size=200, eval_every=12,
+                         eval_models=2, eval_test_size=300, checkpoint_every=6)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return kip.prepare("digits")
+
+
+@pytest.fixture(scope="module")
+def full(digits):
+    return frepo.run(TINY, digits, progress=False)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"FRePoConfig.norm='batch': use one of"):
+        frepo.FRePoConfig(norm="batch")
+    with pytest.raises(ValueError, match=r"FRePoConfig.pool_size=0: must be an integer >= 1"):
+        frepo.FRePoConfig(pool_size=0)
+    with pytest.raises(ValueError, match=r"FRePoConfig.online_learning_rate=-1: must be positive"):
+        frepo.FRePoConfig(online_learning_rate=-1)
+
+
+def test_feature_krr_loss_is_zero_on_its_own_support():
+    import jax.numpy as jnp
+
+    f = jnp.asarray(np.random.default_rng(0).standard_normal((5, 8)), jnp.float32)
+    y = jnp.eye(5) - 0.2
+    loss, acc = frepo.feature_krr_loss(f, y, f, y, reg=1e-7)
+    assert float(loss) < 1e-6 and float(acc) == 1.0
+
+
+def test_learns_resets_and_beats_chance(full, digits):
+    loss = np.asarray(full.history["loss"])
+    assert loss[-8:].mean() < loss[:8].mean()
+    # 24 steps over 3 models, reset every 6 online steps: every model was reset
+    assert min(full.distilled.extra["resets"]) >= 1
+    assert set(full.history["model"]) == {0, 1, 2}
+    ds = full.distilled
+    assert ds.label_kind == "regression" and ds.source["method"] == "frepo"
+    acc = evaluate.krr(ds, digits, kernel="fc").mean
+    # measured 0.8; chance 0.1
+    assert acc > 0.65
+
+
+def test_exact_resume_and_save_load(full, digits, tmp_path):
+    frepo.run(dataclasses.replace(TINY, steps=12), digits, checkpoint_dir=tmp_path,
+              progress=False)
+    resumed = frepo.run(TINY, digits, checkpoint_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(resumed.distilled.images, full.distilled.images)
+    np.testing.assert_array_equal(resumed.distilled.labels, full.distilled.labels)
+    assert resumed.history["loss"] == full.history["loss"]
+    back = DistilledSet.load(resumed.distilled.save(tmp_path / "frepo.npz"))
+    np.testing.assert_array_equal(back.labels, full.distilled.labels)
+    with pytest.raises(CheckpointError, match="belongs to another FRePo run"):
+        frepo.run(dataclasses.replace(TINY, pool_size=2), digits, checkpoint_dir=tmp_path,
+                  progress=False)
+
+
+def test_nan_stops_with_a_message(digits):
+    bad = dataclasses.replace(digits, x_train=np.full_like(digits.x_train, np.nan))
+    with pytest.raises(frepo.FRePoNumericalError,
+                       match=r"FRePo step 1: the loss or its gradient is NaN/Inf"):
+        frepo.run(dataclasses.replace(TINY, eval_every=0), bad, progress=False)
