@@ -11,7 +11,8 @@ The public API, in the order of the method ladder (each a module, imported on fi
 * finite networks: ``nets``, ``train`` (KIP's transfer trainer), ``augment`` (DSA),
   ``experts`` (expert trajectories, MTT's evaluation trainer), ``tm`` (MTT, DATM)
 * ``evaluate``: ``krr(ds, data)``, ``network(ds, data)`` -- any set, any evaluator
-* infrastructure: ``loop`` (the long-run driver), ``checkpoint``, ``shard``, ``checks``, ``viz``, ``results``, ``colab``
+* infrastructure: ``loop`` (the long-run driver), ``checkpoint``, ``shard``, ``checks``,
+  ``viz``, ``results``, ``colab``
 * commands: ``run`` (notebooks, ``python -m kipnb.run``), ``repro`` (the reproduction
   suite, ``python -m kipnb.run --repro``), ``course`` (coursework)
 

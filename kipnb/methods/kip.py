@@ -66,7 +66,7 @@ import numpy as np
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
-from kipnb import archs, checkpoint, data, evaluate, krr, loop, preprocess, shard
+from kipnb import archs, data, evaluate, krr, loop, preprocess, shard
 from kipnb.checkpoint import CheckpointError
 from kipnb.distilled import DistilledSet
 
