@@ -65,7 +65,11 @@ softmax(label_i)_c``. The learning rate drops to a tenth, and the momentum buffe
 reset, after the epoch with 0-based index ``epochs // 2 + 1`` (MTT's ``lr_schedule``).
 One difference: MTT's loop is ``for ep in range(Epoch + 1)``, one epoch more than it
 says; here ``epochs`` epochs are trained (``EvalConfig(epochs=1001)`` is MTT's 1000,
-including the decay point).
+including the decay point). Checked in MTT's own code (GeorgeCazenavette/mtt-distillation,
+``utils.py`` ``evaluate_synset`` at commit 0c42493: ``Epoch = int(args.epoch_eval_train)``,
+``lr_schedule = [Epoch//2+1]``, ``for ep in tqdm.tqdm(range(Epoch+1))``, with
+``epoch_eval_train=1000`` in ``distill.py``), so the CIFAR settings of
+``tm.PARAMETER_SETS`` evaluate with ``epochs=1001``.
 
 Speed. One jit-compiled SGD step of the finite-network trainer
 (:func:`kipnb.train.make_step`: gather the minibatch by index from the data kept on the
