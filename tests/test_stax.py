@@ -802,3 +802,20 @@ def test_arccos_vjp_matches_autodiff_of_the_formula(a, b):
         np.testing.assert_allclose(g12, [(a * a + b * b) / 2] * 2, rtol=1e-12)
         np.testing.assert_allclose(g11, [0, 0], atol=0)
         np.testing.assert_allclose(g22, [0, 0], atol=0)
+
+
+def test_convnet_kernel_gradient_finite_for_nearly_identical_pairs():
+    """Pairs a few eps from the boundary (correlation ~1, not snapped) must keep finite
+    gradients in float32: a ConvNet-kernel KIP step on Fashion-MNIST once got inf there,
+    when XLA recomputed k11*k22 - k12**2 with other rounding inside the written-out VJP."""
+    from kipnb import archs
+
+    rng = np.random.default_rng(0)
+    x1 = rng.standard_normal((4, 12, 12, 1)).astype(np.float32)
+    kfn = archs.kernel("conv", num_classes=10, depth=2)
+    for scale in (1e-4, 3e-4, 1e-3, 3e-3):
+        x2 = (x1 + scale * rng.standard_normal(x1.shape)).astype(np.float32)
+        x2 = np.concatenate([x2, x1[:1]])
+        g = jax.grad(lambda a, x2=x2: jnp.sum(jnp.sin(kfn(jnp.asarray(x2), a, "ntk"))))(
+            jnp.asarray(x1))
+        assert np.isfinite(np.asarray(g)).all(), scale

@@ -1138,14 +1138,18 @@ def _arccos_cross_fwd(k12, k11, k22, a, b, ulps, want_dot):
 def _arccos_cross_bwd(a, b, ulps, want_dot, res, cts):
     k12, k11, k22 = res
     g_nngp, g_dot = cts
-    gap, root, angle = _arccos_parts(k12, k11, k22, ulps)
+    # One value of the root per pair: XLA may otherwise recompute ``k11 * k22 - k12**2``
+    # in two fusions with different rounding (an FMA in one), giving root == 0 where the
+    # guard below saw a positive gap: an infinite derivative (seen in ConvNet-kernel KIP
+    # on Fashion-MNIST). The guard tests the root itself.
+    _, root, angle = jax.lax.optimization_barrier(_arccos_parts(k12, k11, k22, ulps))
     factor = (a - b) ** 2 / (2 * math.pi)
     dot = (a * a + b * b) / 2 - factor * angle
     g_dot = g_nngp * k12 if g_dot is None else g_dot + g_nngp * k12
     g_angle = -factor * g_dot
     denom = jnp.maximum(k12 * k12 + root * root, _TINY)  # _safe_arctan2's JVP
     g_root = factor * g_nngp + g_angle * k12 / denom
-    positive = gap > _TINY  # _safe_sqrt's JVP: derivative 0 at the boundary
+    positive = root * root > _TINY  # _safe_sqrt's JVP: derivative 0 at the boundary
     g_gap = jnp.where(positive, g_root / (2.0 * jnp.where(positive, root, 1.0)), 0.0)
     g_k12 = g_nngp * dot - g_angle * root / denom - 2.0 * k12 * g_gap
     return (g_k12, _sum_to(g_gap * k22, jnp.shape(k11)), _sum_to(g_gap * k11, jnp.shape(k22)))
