@@ -820,7 +820,6 @@ def train_experts(
                 state = init(config, data, i)
                 seconds = [0.0]
             _train_one(config, data, state, path, seconds, bar, callback, {
-                "format": FORMAT, "format_version": FORMAT_VERSION, "expert": i,
                 "config": cfg_dict, "fingerprint": fingerprint, "dataset": data.dataset,
                 "image_shape": list(image_shape), "num_classes": C, "num_params": P,
                 "net": dataclasses.asdict(net)})
@@ -846,7 +845,8 @@ def _train_one(config: ExpertConfig, data: TMData, state: ExpertState, path: Pat
                seconds: list, bar, callback, meta: dict) -> ExpertState:
     """The remaining epochs of one expert: :func:`kipnb.loop.run` over :func:`update`,
     the expert file rewritten after every epoch (the loop's own checkpoint is not used:
-    the file format is the experts', with the growing snapshots)."""
+    the file format is the experts', with the growing snapshots); ``meta``: the file's
+    fixed meta (config, fingerprint, shapes, net)."""
     i, E, start = state.expert, config.epochs, state.epochs_done
 
     def timed_update(s: ExpertState, epoch: int):
@@ -869,7 +869,8 @@ def _train_one(config: ExpertConfig, data: TMData, state: ExpertState, path: Pat
         done = s.epochs_done
         checkpoint.save(path, {"momentum": np.asarray(nets.flatten_params(s.momentum)),
                                "snapshots": np.stack(s.snapshots)},
-                        {**meta, "epochs_done": done, "complete": done == E,
+                        {"format": FORMAT, "format_version": FORMAT_VERSION, "expert": i,
+                         "epochs_done": done, "complete": done == E, **meta,
                          "seconds": seconds[0], **s.history})
         if bar is not None:
             bar.update(1)
