@@ -696,7 +696,7 @@ def update(config: ExpertConfig, data: TMData, state: ExpertState,
       history entry) and a dict of ``train_loss`` (the mean over the epoch's images),
       ``train_accuracy`` (on the augmented batches), ``test_accuracy``, ``lr`` and
       ``finite`` (False: a loss or parameter became NaN/Inf; then ``diverged`` says
-      which, and the new state should be dropped).
+      which, and the state returned is ``state`` unchanged: stop there).
 
     Example:
       >>> from kipnb import data
