@@ -266,6 +266,39 @@ def test_train_experts_writes_trajectories(toy, trained):
     assert traj.net.apply(p, toy.x_test[:3]).shape == (3, C)
 
 
+def test_own_loop_over_init_and_update_equals_train_experts(toy, trained):
+    """train_experts is kipnb.loop over experts.init / update: a hand-written loop over
+    the public step functions gives the same snapshots, history and momentum, bit for bit."""
+    out, traj = trained
+    for i in range(TINY.num_experts):
+        state = experts.init(TINY, toy, i)
+        assert isinstance(state, experts.ExpertState) and state.epochs_done == 0
+        for epoch in range(TINY.epochs):
+            state, m = experts.update(TINY, toy, state, epoch)
+            assert m["finite"] and m["lr"] == TINY.lr_at(epoch)
+            assert m["test_accuracy"] == state.history["test_accuracy"][-1]
+        assert state.epochs_done == TINY.epochs
+        np.testing.assert_array_equal(np.stack(state.snapshots), traj.params[i])
+        np.testing.assert_array_equal(state.history["test_accuracy"], traj.test_accuracy[i])
+        assert state.history["train_loss"] == traj.meta["train_loss"][i]
+        assert state.history["train_accuracy"] == traj.meta["train_accuracy"][i]
+        meta = checkpoint.read_meta(experts.expert_path(out, i))
+        saved, _ = checkpoint.load(experts.expert_path(out, i), {
+            "momentum": np.zeros(traj.num_params, np.float32),
+            "snapshots": np.zeros((TINY.epochs + 1, traj.num_params), np.float32)})
+        np.testing.assert_array_equal(saved["momentum"], nets.flatten_params(state.momentum))
+        assert meta["epochs_done"] == TINY.epochs and meta["complete"]
+    with pytest.raises(ValueError, match=r"epoch=1: this state has done 0 epochs, so the "
+                                         r"next epoch to train is 0"):
+        experts.update(TINY, toy, experts.init(TINY, toy, 0), 1)
+    with pytest.raises(ValueError, match=r"epoch=3: the config trains 3 epochs"):
+        experts.update(TINY, toy, state, 3)
+    with pytest.raises(ValueError, match="expert must be an integer >= 0"):
+        experts.init(TINY, toy, -1)
+    with pytest.raises(ValueError, match="config.dataset is 'fashion_mnist'"):
+        experts.init(dataclasses.replace(TINY, dataset="fashion_mnist"), toy, 0)
+
+
 def test_interrupted_run_resumes_to_identical_arrays(toy, trained, tmp_path):
     _, full = trained
     seen = []

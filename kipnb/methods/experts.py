@@ -19,6 +19,11 @@ Usage::
     res = evaluate(images, labels, data, traj.net, lr=0.01)   # EvalResult
     print(res)               # "72.3 ± 0.4 % (5 seeds)"
 
+    state = init(cfg, data, expert=0)                     # or own the loop (optax style)
+    for epoch in range(cfg.epochs):
+        state, metrics = update(cfg, data, state, epoch)  # ExpertState, dict
+    np.stack(state.snapshots)                             # (epochs + 1, num_params)
+
 Experts (MTT's ``buffer.py``)
 -----------------------------
 For each of ``num_experts`` experts: a fresh ConvNet (:class:`kipnb.nets.ConvNet`,
@@ -33,7 +38,10 @@ order) at initialization and after every epoch: ``epochs + 1`` snapshots. The te
 accuracy is measured (without augmentation) after every epoch, as MTT logs it.
 ``lr_decay=True`` is MTT's ``--decay``: after the epoch with 0-based index
 ``epochs // 2 + 1`` the learning rate drops to a tenth and the momentum buffer is reset
-(MTT builds a new optimizer there).
+(MTT builds a new optimizer there). :func:`init` (an :class:`ExpertState`) and
+:func:`update` (one epoch) are the public step functions; :func:`train_experts` is
+:func:`kipnb.loop.run` over them (the NaN stop, the callback) per expert, with the expert
+files below as its checkpoints.
 
 Files and resuming. ``train_experts(config, data, out_dir)`` writes one file per expert,
 ``out_dir/expert_000.npz``, ``expert_001.npz``, ... (:mod:`kipnb.checkpoint` format:
@@ -100,14 +108,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kipnb import augment as augment_lib
-from kipnb import checkpoint, nets, preprocess, train
+from kipnb import checkpoint, loop, nets, preprocess, train
 from kipnb import data as data_lib
 from kipnb.checkpoint import CheckpointError
 from kipnb.checks import is_int as _is_int
@@ -118,16 +126,19 @@ __all__ = [
     "EvalConfig",
     "EvalResult",
     "ExpertConfig",
+    "ExpertState",
     "TMData",
     "TrainingDivergedError",
     "Trajectories",
     "apply_fn",
     "evaluate",
     "expert_path",
+    "init",
     "load_trajectories",
     "prepare",
     "reuse_host_memory",
     "train_experts",
+    "update",
 ]
 
 FORMAT = "kipnb.experts"
@@ -410,18 +421,6 @@ def _test_accuracy(net, params, d: TMData) -> jax.Array:
     return jnp.sum(jnp.stack(correct)) / len(d.x_test)
 
 
-def _epoch(net, params, buf, x, y, perm: np.ndarray, key, *, batch_size: int, strategy: str,
-           lr: float, momentum: float, weight_decay: float):
-    """One pass over ``perm`` (:func:`kipnb.train.epoch`) from ``params`` and the momentum
-    buffer ``buf``; returns params, buf and device arrays of the per-step losses, correct
-    counts and batch sizes (nothing is synced here)."""
-    state = train.with_momentum(_sgd_state(params, lr, momentum, weight_decay), buf)
-    state, losses, correct, sizes = train.epoch(
-        _step_for(net, strategy, _loss_kind(y)), state, x, y, perm, key,
-        batch_size=batch_size)
-    return state.params, train.momentum(state), losses, correct, sizes
-
-
 def reuse_host_memory() -> bool:
     """Make glibc keep and reuse freed host memory; call it before JAX's first computation.
 
@@ -582,6 +581,179 @@ def _mismatch_error(out_dir: Path, path: Path, why: str) -> CheckpointError:
     )
 
 
+_HISTORY = ("train_loss", "train_accuracy", "test_accuracy")
+
+
+class ExpertState(NamedTuple):
+    """One expert during training: what :func:`init` makes and :func:`update` advances.
+
+    Attributes:
+      expert: the expert's index (its random draws derive from ``(seed, expert)``).
+      params: the network's parameter pytree now.
+      momentum: SGD's momentum buffer (a pytree like ``params``; zeros while
+        ``momentum=0``, MTT's setting).
+      snapshots: the trajectory so far: a list of flat float32 parameter vectors
+        (:func:`kipnb.nets.flatten_params` order), the initialization and one per epoch.
+      history: ``train_loss``, ``train_accuracy``, ``test_accuracy``: lists, one entry
+        per epoch done.
+    """
+
+    expert: int
+    params: Any
+    momentum: Any
+    snapshots: list
+    history: dict
+
+    @property
+    def epochs_done(self) -> int:
+        """Epochs trained so far (``len(snapshots) - 1``): the 0-based epoch to train next."""
+        return len(self.snapshots) - 1
+
+
+def _check_data(config: ExpertConfig, data: TMData) -> None:
+    if not isinstance(config, ExpertConfig):
+        raise TypeError(f"config must be an ExpertConfig, got {type(config).__name__}.")
+    if not isinstance(data, TMData):
+        raise TypeError(f"data must be a TMData (experts.prepare), got {type(data).__name__}.")
+    if data.dataset != config.dataset:
+        raise ValueError(
+            f"The data are {data.dataset!r} but config.dataset is {config.dataset!r}: prepare "
+            f"the data for this config (experts.prepare(config.dataset, ...)), or set "
+            f"ExpertConfig(dataset={data.dataset!r})."
+        )
+    if data.transform is not None and hasattr(data.transform, "recipe"):
+        want = _make_transform(config.preprocessing, config.zca_reg).recipe()
+        if data.transform.recipe() != want:
+            raise ValueError(
+                f"The data were preprocessed as {data.transform.recipe()} but "
+                f"config.preprocessing={config.preprocessing!r} means {want}: prepare the "
+                f"data with preprocessing={config.preprocessing!r} (and zca_reg), or change "
+                f"the config."
+            )
+
+
+def init(config: ExpertConfig, data: TMData, expert: int) -> ExpertState:
+    """Expert ``expert`` before training: a fresh ConvNet and its zero momentum buffer.
+
+    The initialization is drawn from ``fold_in(fold_in(PRNGKey(config.seed), expert),
+    0)``, as :func:`train_experts` does; ``snapshots`` holds it as the trajectory's epoch
+    0. With :func:`update` this is the public step pair under :func:`train_experts`
+    (which adds the expert files, resuming, the NaN stop and the progress bar through
+    :func:`kipnb.loop.run`).
+
+    Args:
+      config: an :class:`ExpertConfig` (its ``dataset`` and ``preprocessing`` must match
+        the data's).
+      data: the training data (:func:`prepare`, :func:`kipnb.data.prepare`).
+      expert: the expert's index, an integer >= 0.
+
+    Returns:
+      An :class:`ExpertState` with ``epochs_done == 0``.
+
+    Raises:
+      ValueError: the data do not fit the config, or a bad ``expert``.
+
+    Example:
+      >>> from kipnb import data
+      >>> d = data.prepare("digits", "standardize", n_train=64, n_test=32)
+      >>> cfg = ExpertConfig(dataset="digits", width=4, depth=2, epochs=2, batch_size=32)
+      >>> s = init(cfg, d, expert=0)
+      >>> s.epochs_done, s.snapshots[0].shape == (nets.count_params(s.params),)
+      (0, True)
+    """
+    _check_data(config, data)
+    if not (_is_int(expert) and expert >= 0):
+        raise ValueError(f"expert must be an integer >= 0, got {expert!r}.")
+    net = config.net(data.image_shape, data.num_classes)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), expert), 0)
+    params = _init(key, net=net, shape=data.image_shape)
+    return ExpertState(expert=int(expert), params=params, momentum=_zeros_like(params),
+                       snapshots=[np.asarray(nets.flatten_params(params), np.float32)],
+                       history={k: [] for k in _HISTORY})
+
+
+def update(config: ExpertConfig, data: TMData, state: ExpertState,
+           epoch: int) -> tuple[ExpertState, dict]:
+    """Train the expert for one epoch (0-based ``epoch``, which must be
+    ``state.epochs_done``): one pass of :func:`kipnb.train.epoch` over the whole training
+    set.
+
+    SGD (``torch.optim.SGD``) with ``config.lr_at(epoch)``, the momentum buffer carried
+    over from ``state``; the epoch's shuffle is ``default_rng([seed, 0, expert, epoch])``
+    and its DSA keys derive from ``fold_in(fold_in(PRNGKey(seed), expert), 1 + epoch)``.
+    With ``lr_decay``, the momentum buffer is reset after epoch ``epochs // 2 + 1`` (MTT
+    builds a new optimizer there). The host waits for the device once (losses, snapshot,
+    test accuracy). ``state`` is not changed.
+
+    Args:
+      config: the :class:`ExpertConfig`.
+      data: the training data (the test set gives ``test_accuracy``).
+      state: the expert after ``epoch`` epochs (:func:`init`, or a previous update).
+      epoch: the 0-based epoch to train.
+
+    Returns:
+      ``(state, metrics)``: the expert after ``epoch + 1`` epochs (one more snapshot and
+      history entry) and a dict of ``train_loss`` (the mean over the epoch's images),
+      ``train_accuracy`` (on the augmented batches), ``test_accuracy``, ``lr`` and
+      ``finite`` (False: a loss or parameter became NaN/Inf; then ``diverged`` says
+      which, and the state returned is ``state`` unchanged: stop there).
+
+    Example:
+      >>> from kipnb import data
+      >>> d = data.prepare("digits", "standardize", n_train=64, n_test=32)
+      >>> cfg = ExpertConfig(dataset="digits", width=4, depth=2, epochs=2, batch_size=32)
+      >>> s = init(cfg, d, expert=0)
+      >>> for e in range(cfg.epochs):
+      ...     s, m = update(cfg, d, s, e)
+      >>> s.epochs_done, len(s.snapshots), m["finite"], 0 <= m["test_accuracy"] <= 1
+      (2, 3, True, True)
+    """
+    if not isinstance(state, ExpertState):
+        raise TypeError(f"state must be an ExpertState (experts.init), got "
+                        f"{type(state).__name__}.")
+    if not (_is_int(epoch) and epoch == state.epochs_done):
+        raise ValueError(f"epoch={epoch!r}: this state has done {state.epochs_done} epochs, "
+                         f"so the next epoch to train is {state.epochs_done} (0-based).")
+    if epoch >= config.epochs:
+        raise ValueError(f"epoch={epoch}: the config trains {config.epochs} epochs (0 .. "
+                         f"{config.epochs - 1}).")
+    net = config.net(data.image_shape, data.num_classes)
+    dev = data.device()
+    x, y = dev["x_train"], dev["y_train"]
+    n = len(data.x_train)
+    lr = config.lr_at(epoch)
+    perm = np.random.default_rng([config.seed, 0, state.expert, epoch]).permutation(n)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), state.expert),
+                             1 + epoch)
+    ts = train.with_momentum(
+        _sgd_state(state.params, lr, config.momentum, config.weight_decay), state.momentum)
+    ts, losses, correct, sizes = train.epoch(
+        _step_for(net, config.augment, _loss_kind(y)), ts, x, y, perm, key,
+        batch_size=config.batch_size)
+    params, buf = ts.params, train.momentum(ts)
+    flat = nets.flatten_params(params)
+    test_acc = _test_accuracy(net, params, data)
+    losses, correct, flat, test_acc = jax.device_get(
+        (jnp.stack(losses), jnp.stack(correct), flat, test_acc))
+    sizes = np.asarray(sizes)
+    train_loss = float(np.sum(losses * sizes) / n)
+    train_acc = float(np.sum(correct) / n)
+    metrics = {"train_loss": train_loss, "train_accuracy": train_acc,
+               "test_accuracy": float(test_acc), "lr": lr}
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size or not np.all(np.isfinite(flat)):
+        return state, {**metrics, "finite": False, "diverged": (
+            f"the training loss became {losses[bad[0]]} at step {bad[0] + 1}" if bad.size
+            else "the parameters became NaN/Inf")}
+    if config.lr_decay and epoch == config.epochs // 2 + 1:
+        buf = _zeros_like(buf)  # MTT builds a new optimizer here
+    history = {k: [*state.history[k], metrics[k]] for k in _HISTORY}
+    new = ExpertState(expert=state.expert, params=params, momentum=buf,
+                      snapshots=[*state.snapshots, np.asarray(flat, np.float32)],
+                      history=history)
+    return new, {**metrics, "finite": True}
+
+
 def train_experts(
     config: ExpertConfig,
     data: TMData,
@@ -606,25 +778,7 @@ def train_experts(
       TrainingDivergedError: the loss became NaN/Inf (names the expert and epoch; that
         epoch is not saved).
     """
-    if not isinstance(config, ExpertConfig):
-        raise TypeError(f"config must be an ExpertConfig, got {type(config).__name__}.")
-    if not isinstance(data, TMData):
-        raise TypeError(f"data must be a TMData (experts.prepare), got {type(data).__name__}.")
-    if data.dataset != config.dataset:
-        raise ValueError(
-            f"The data are {data.dataset!r} but config.dataset is {config.dataset!r}: prepare "
-            f"the data for this config (experts.prepare(config.dataset, ...)), or set "
-            f"ExpertConfig(dataset={data.dataset!r})."
-        )
-    if data.transform is not None and hasattr(data.transform, "recipe"):
-        want = _make_transform(config.preprocessing, config.zca_reg).recipe()
-        if data.transform.recipe() != want:
-            raise ValueError(
-                f"The data were preprocessed as {data.transform.recipe()} but "
-                f"config.preprocessing={config.preprocessing!r} means {want}: prepare the "
-                f"data with preprocessing={config.preprocessing!r} (and zca_reg), or change "
-                f"the config."
-            )
+    _check_data(config, data)
     out_dir = Path(out_dir)
     cfg_dict = _config_dict(config)
     fingerprint = data.fingerprint()
@@ -654,88 +808,87 @@ def train_experts(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.num_experts * E, initial=done_before, desc="experts")
-    dev = data.device()
-    x, y = dev["x_train"], dev["y_train"]
-    n = len(data.x_train)
-    base = jax.random.PRNGKey(config.seed)
     try:
         for i in range(config.num_experts):
             path = expert_path(out_dir, i)
-            key_i = jax.random.fold_in(base, i)
             if i in metas:
-                meta = metas[i]
-                if int(meta["epochs_done"]) >= E:
+                if int(metas[i]["epochs_done"]) >= E:
                     continue
-                state = _load_state(path, meta)
-                snapshots = list(state["snapshots"])
-                params = nets.unflatten_params(jnp.asarray(snapshots[-1]), template)
-                buf = nets.unflatten_params(jnp.asarray(state["momentum"]), template)
-                hist = {k: list(meta[k]) for k in ("train_loss", "train_accuracy",
-                                                   "test_accuracy")}
-                seconds = float(meta.get("seconds", 0.0))
+                state = _resume(path, metas[i], template, i)
+                seconds = [float(metas[i].get("seconds", 0.0))]
             else:
-                params = _init(jax.random.fold_in(key_i, 0), net=net, shape=image_shape)
-                buf = _zeros_like(params)
-                snapshots = [np.asarray(nets.flatten_params(params), np.float32)]
-                hist = {"train_loss": [], "train_accuracy": [], "test_accuracy": []}
-                seconds = 0.0
-            for e in range(len(snapshots) - 1, E):
-                t0 = time.perf_counter()
-                lr = config.lr_at(e)
-                perm = np.random.default_rng([config.seed, 0, i, e]).permutation(n)
-                key_e = jax.random.fold_in(key_i, 1 + e)
-                new_params, new_buf, losses, correct, sizes = _epoch(
-                    net, params, buf, x, y, perm, key_e, batch_size=config.batch_size,
-                    strategy=config.augment, lr=lr, momentum=config.momentum,
-                    weight_decay=config.weight_decay)
-                flat = nets.flatten_params(new_params)
-                test_acc = _test_accuracy(net, new_params, data)
-                losses, correct, flat, test_acc = jax.device_get(
-                    (jnp.stack(losses), jnp.stack(correct), flat, test_acc))
-                bad = np.flatnonzero(~np.isfinite(losses))
-                if bad.size or not np.all(np.isfinite(flat)):
-                    what = (f"the training loss became {losses[bad[0]]} at step {bad[0] + 1}"
-                            if bad.size else "the parameters became NaN/Inf")
-                    kept = (f"{path} keeps the last good epoch ({e})" if e > 0
-                            else "nothing was saved for this expert")
-                    raise TrainingDivergedError(
-                        f"Expert {i}, epoch {e + 1}/{E}: {what} (lr={lr:g}): training "
-                        f"diverged. Lower ExpertConfig.lr (e.g. {lr / 10:g}); {kept}."
-                    )
-                params = new_params
-                if config.lr_decay and e == E // 2 + 1:
-                    new_buf = _zeros_like(new_buf)  # MTT builds a new optimizer here
-                buf = new_buf
-                sizes = np.asarray(sizes)
-                train_loss = float(np.sum(losses * sizes) / n)
-                train_acc = float(np.sum(correct) / n)
-                snapshots.append(np.asarray(flat, np.float32))
-                hist["train_loss"].append(train_loss)
-                hist["train_accuracy"].append(train_acc)
-                hist["test_accuracy"].append(float(test_acc))
-                seconds += time.perf_counter() - t0
-                meta = {
-                    "format": FORMAT, "format_version": FORMAT_VERSION, "expert": i,
-                    "epochs_done": e + 1, "complete": e + 1 == E, "config": cfg_dict,
-                    "fingerprint": fingerprint, "dataset": data.dataset,
-                    "image_shape": list(image_shape), "num_classes": C, "num_params": P,
-                    "net": dataclasses.asdict(net), "seconds": seconds, **hist,
-                }
-                checkpoint.save(path, {"momentum": np.asarray(nets.flatten_params(buf)),
-                                       "snapshots": np.stack(snapshots)}, meta)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix({"expert": i, "loss": f"{train_loss:.3f}",
-                                     "train_acc": f"{train_acc:.3f}",
-                                     "test_acc": f"{float(test_acc):.3f}"}, refresh=False)
-                if callback is not None:
-                    callback(i, e + 1, {"train_loss": train_loss, "train_accuracy": train_acc,
-                                        "test_accuracy": float(test_acc), "lr": lr,
-                                        "seconds": seconds, "path": str(path)})
+                state = init(config, data, i)
+                seconds = [0.0]
+            _train_one(config, data, state, path, seconds, bar, callback, {
+                "config": cfg_dict, "fingerprint": fingerprint, "dataset": data.dataset,
+                "image_shape": list(image_shape), "num_classes": C, "num_params": P,
+                "net": dataclasses.asdict(net)})
     finally:
         if bar is not None:
             bar.close()
     return _load(out_dir, experts=list(range(config.num_experts)), complete_only=True)
+
+
+def _resume(path: Path, meta: dict, template, expert: int) -> ExpertState:
+    """The :class:`ExpertState` saved in ``path`` (its last epoch, the momentum buffer)."""
+    saved = _load_state(path, meta)
+    snapshots = list(saved["snapshots"])
+    return ExpertState(
+        expert=expert,
+        params=nets.unflatten_params(jnp.asarray(snapshots[-1]), template),
+        momentum=nets.unflatten_params(jnp.asarray(saved["momentum"]), template),
+        snapshots=snapshots,
+        history={k: list(meta[k]) for k in _HISTORY})
+
+
+def _train_one(config: ExpertConfig, data: TMData, state: ExpertState, path: Path,
+               seconds: list, bar, callback, meta: dict) -> ExpertState:
+    """The remaining epochs of one expert: :func:`kipnb.loop.run` over :func:`update`,
+    the expert file rewritten after every epoch (the loop's own checkpoint is not used:
+    the file format is the experts', with the growing snapshots); ``meta``: the file's
+    fixed meta (config, fingerprint, shapes, net)."""
+    i, E, start = state.expert, config.epochs, state.epochs_done
+
+    def timed_update(s: ExpertState, epoch: int):
+        t0 = time.perf_counter()
+        out = update(config, data, s, epoch)
+        seconds[0] += time.perf_counter() - t0
+        return out
+
+    def nan_error(step: int, metrics: dict, kept: str) -> Exception:
+        e, lr = start + step - 1, metrics["lr"]  # step: 1-based in this session
+        kept = (f"{path} keeps the last good epoch ({e})" if e > 0
+                else "nothing was saved for this expert")
+        return TrainingDivergedError(
+            f"Expert {i}, epoch {e + 1}/{E}: {metrics['diverged']} (lr={lr:g}): training "
+            f"diverged. Lower ExpertConfig.lr (e.g. {lr / 10:g}); {kept}."
+        )
+
+    def save_epoch(info: dict) -> None:
+        s = info["state"]
+        done = s.epochs_done
+        checkpoint.save(path, {"momentum": np.asarray(nets.flatten_params(s.momentum)),
+                               "snapshots": np.stack(s.snapshots)},
+                        {"format": FORMAT, "format_version": FORMAT_VERSION, "expert": i,
+                         "epochs_done": done, "complete": done == E, **meta,
+                         "seconds": seconds[0], **s.history})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({"expert": i, "loss": f"{info['train_loss']:.3f}",
+                             "train_acc": f"{info['train_accuracy']:.3f}",
+                             "test_acc": f"{info['test_accuracy']:.3f}"}, refresh=False)
+        if callback is not None:
+            callback(i, done, {"train_loss": info["train_loss"],
+                               "train_accuracy": info["train_accuracy"],
+                               "test_accuracy": info["test_accuracy"], "lr": info["lr"],
+                               "seconds": seconds[0], "path": str(path)})
+
+    # No loop checkpoint, so the loop counts this session's epochs from 0; the epoch
+    # trained at each step is the state's own count.
+    return loop.run(state, timed_update, E - start,
+                    batch_fn=lambda step, s: s.epochs_done, step_key="epoch",
+                    what=f"expert {i}", nan_error=nan_error, callback=save_epoch,
+                    progress_bar=False).state
 
 
 def load_trajectories(out_dir, *, complete_only: bool = True,
