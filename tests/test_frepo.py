@@ -76,3 +76,16 @@ def test_nan_stops_with_a_message(digits):
     with pytest.raises(frepo.FRePoNumericalError,
                        match=r"FRePo step 1: the loss or its gradient is NaN/Inf"):
         frepo.run(dataclasses.replace(TINY, eval_every=0), bad, progress=False)
+
+
+def test_run_equals_a_hand_written_loop(digits):
+    """frepo.run is kipnb.loop.run over the public init / update: the same set."""
+    cfg = dataclasses.replace(TINY, steps=4, eval_every=0)
+    res = frepo.run(cfg, digits, progress=False)
+    state, models = frepo.init(cfg, digits), []
+    for _ in range(cfg.steps):
+        state, info = frepo.update(state, cfg, digits)
+        models.append(info["model"])
+    np.testing.assert_array_equal(np.asarray(state["params"]["images"]), res.distilled.images)
+    assert models == res.history["model"]
+    assert np.asarray(state["resets"]).tolist() == res.distilled.extra["resets"]

@@ -92,3 +92,30 @@ def test_nan_stops_with_a_message(digits):
     with pytest.raises(rfad.RFADNumericalError,
                        match=r"RFAD step 1: the loss or its gradient is NaN/Inf.*No checkpoint"):
         rfad.run(dataclasses.replace(TINY, eval_every=0), bad, progress=False)
+
+
+def test_run_equals_a_hand_written_loop_and_stops_on_request(digits, tmp_path):
+    """rfad.run is kipnb.loop.run over the public init / update: the same set."""
+    from kipnb import loop
+
+    cfg = dataclasses.replace(TINY, steps=4, eval_every=0)
+    res = rfad.run(cfg, digits, progress=False)
+    state, losses = rfad.init(cfg, digits), []
+    for _ in range(cfg.steps):
+        state, info = rfad.update(state, cfg, digits)
+        losses.append(info["loss"])
+    np.testing.assert_array_equal(np.asarray(state["params"]["images"]), res.distilled.images)
+    np.testing.assert_array_equal(np.asarray(state["params"]["labels"]), res.distilled.labels)
+    assert losses == res.history["loss"]
+    seen = []
+
+    def stop_at_2(info):
+        seen.append(info)
+        return loop.STOP if info["step"] == 2 else None
+
+    stopped = rfad.run(cfg, digits, checkpoint_dir=tmp_path, callback=stop_at_2,
+                       progress=False)
+    assert stopped.history["step"] == [1, 2] and stopped.distilled.extra["steps"] == 2
+    assert set(seen[0]) == {"step", "loss", "batch_acc", "last"}
+    resumed = rfad.run(cfg, digits, checkpoint_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(resumed.distilled.images, res.distilled.images)

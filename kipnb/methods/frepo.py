@@ -32,8 +32,9 @@ ConvNet (constant width, instance norm or none, :mod:`kipnb.nets`). The paper's 
 in our search index); the class defaults are sized for a laptop CPU.
 
 Step functions: ``state = init(cfg, d)``; ``state, info = update(state, cfg, d)``;
-:func:`run` adds checkpoints, exact resume, the NaN stop, history, progress and a
-callback. Determinism: step ``s`` picks its model and targets from
+:func:`run` puts :func:`kipnb.loop.run` around them (via :func:`kipnb.rfad.run_loop`):
+checkpoints, exact resume, the NaN stop, history, progress and a callback.
+Determinism: step ``s`` picks its model and targets from
 ``numpy.random.default_rng([seed, s])``; a reset model's parameters come from
 ``fold_in(fold_in(key(seed + 1), i), n_resets_i)``.
 """
@@ -42,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
-from kipnb import checkpoint, kip, krr, nets, preprocess, rfad
+from kipnb import kip, krr, nets, preprocess, rfad
 from kipnb.checkpoint import CheckpointError
 from kipnb.distilled import DistilledSet
 
@@ -291,6 +291,11 @@ def init(config: FRePoConfig, d) -> dict:
 def update(state: dict, config: FRePoConfig, d) -> tuple[dict, dict]:
     """One FRePo step: pick a model, update the support set, train the model, maybe reset it.
 
+    Args:
+        state: from :func:`init` or a previous :func:`update`.
+        config: the :class:`FRePoConfig`.
+        d: prepared data.
+
     Returns:
         ``(new_state, info)`` with ``step``, ``loss``, ``batch_acc``, ``model``,
         ``finite``; when not ``finite`` the state comes back unchanged.
@@ -324,93 +329,62 @@ def run(config: FRePoConfig, d=None, *, checkpoint_dir=None,
         data_dir=None) -> FRePoResult:
     """Run FRePo: :func:`init`, then :func:`update` ``config.steps`` times.
 
-    Args and returns as :func:`kipnb.rfad.run` (with ``frepo_checkpoint.npz``,
-    :class:`FRePoNumericalError`, :class:`FRePoResult`).
+    This is :func:`kipnb.loop.run` (through :func:`kipnb.rfad.run_loop`: checkpoints,
+    exact resume, NaN stop, history, progress, callback) over the public step functions;
+    a hand-written loop ``state = init(config, d)``, ``state, info = update(state,
+    config, d)`` gives the same set.
+
+    Args:
+        config: the :class:`FRePoConfig`.
+        d: prepared data (:func:`kipnb.kip.prepare`; loaded from ``config`` if None).
+        checkpoint_dir: ``frepo_checkpoint.npz`` is written there every
+            ``checkpoint_every`` steps and at the end; a run of the same config finds it
+            and resumes exactly (``steps`` etc. may change, :data:`RESUMABLE_CHANGES`).
+        callback: called after every step with ``step``, ``loss``, ``batch_acc``,
+            ``model`` (the pool model used), ``test_acc`` on evaluation steps and
+            ``last`` (e.g. :class:`kipnb.viz.LivePlot`); returning
+            :data:`kipnb.loop.STOP` stops the run (checkpointed first).
+        progress: a tqdm bar.
+        data_dir: where to look for the dataset files.
+
+    Returns:
+        :class:`FRePoResult`: ``distilled`` (``label_kind='regression'``, the resets per
+        model in ``extra['resets']``), ``history`` (``step``, ``loss``, ``batch_acc``,
+        ``model``; ``eval_step``, ``test_acc``, ``wall_time``; ``seconds``), the state.
+
+    Raises:
+        FRePoNumericalError: the loss or gradient became NaN/Inf (the update is not
+            applied; the last checkpoint is kept).
+        CheckpointError: ``checkpoint_dir`` holds a checkpoint of another run.
+
+    Example:
+        >>> d = kip.prepare("digits")  # doctest: +SKIP
+        >>> res = run(FRePoConfig(dataset="digits", ipc=1, steps=20), d)  # doctest: +SKIP
+        >>> len(res.distilled.extra["resets"])  # one count per pool model  # doctest: +SKIP
+        4
     """
     if not isinstance(config, FRePoConfig):
         raise TypeError(f"config must be a FRePoConfig, got {type(config).__name__}.")
-    if d is None:
-        d = kip.prepare(kip.KIPConfig(dataset=config.dataset,
-                                      preprocessing=config.preprocessing,
-                                      zca_reg=config.zca_reg), data_dir=data_dir)
-    if d.dataset != config.dataset:
-        raise ValueError(f"The data are {d.dataset!r} but config.dataset is "
-                         f"{config.dataset!r}: prepare the data for this config.")
+    d = rfad.check_data(config, d, data_dir)
     state = init(config, d)
     classes = np.asarray(state["params"]["labels"]).argmax(axis=1).astype(np.int32)
-    cfg_dict = dataclasses.asdict(config)
-    fingerprint = d.fingerprint()
+
+    def nan_error(step: int, metrics: dict, kept: str) -> Exception:
+        return FRePoNumericalError(
+            f"FRePo step {step}: the loss or its gradient is NaN/Inf "
+            f"(loss={metrics['loss']}); the update was not applied. {kept} Fixes: raise "
+            f"reg (now {config.reg:g}), lower learning_rate (now "
+            f"{config.learning_rate:g}) or online_learning_rate (now "
+            f"{config.online_learning_rate:g}).")
+
     history = {"step": [], "loss": [], "batch_acc": [], "model": [], "eval_step": [],
                "test_acc": [], "wall_time": []}
-    elapsed = 0.0
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.exists():
-        checkpoint.check_resumable(ckpt, cfg_dict, fingerprint, what="FRePo",
-                                   free=RESUMABLE_CHANGES)
-        state, meta = checkpoint.load(ckpt, state)
-        state = jax.tree_util.tree_map(jnp.asarray, state)
-        history, elapsed = meta["history"], float(meta["elapsed"])
-    start = int(state["step"])
-    saved = [start] if ckpt is not None and start > 0 else []
-    evaluator = _evaluator(config, d) if config.eval_every else None
-    t0 = time.perf_counter()
-
-    def now():
-        return elapsed + time.perf_counter() - t0
-
-    def evaluate(step):
-        acc = evaluator(state["params"])
-        history["eval_step"].append(step)
-        history["test_acc"].append(acc)
-        history["wall_time"].append(now())
-        return acc
-
-    if evaluator is not None and start == 0 and not history["eval_step"]:
-        evaluate(0)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, initial=min(start, config.steps), desc="FRePo")
-    try:
-        for _ in range(start, config.steps):
-            state_new, info = update(state, config, d)
-            if not info["finite"]:
-                kept = (f"The last good checkpoint ({ckpt}, step {saved[0]}) was kept."
-                        if saved else "No checkpoint was written yet.")
-                raise FRePoNumericalError(
-                    f"FRePo step {info['step']}: the loss or its gradient is NaN/Inf "
-                    f"(loss={info['loss']}); the update was not applied. {kept} Fixes: raise "
-                    f"reg (now {config.reg:g}), lower learning_rate (now "
-                    f"{config.learning_rate:g}) or online_learning_rate (now "
-                    f"{config.online_learning_rate:g}).")
-            state = state_new
-            done = info["step"]
-            for k in ("step", "loss", "batch_acc", "model"):
-                history[k].append(info[k])
-            info = {"step": done, "loss": info["loss"], "batch_acc": info["batch_acc"],
-                    "last": done == config.steps}
-            if evaluator is not None and (done % config.eval_every == 0 or done == config.steps):
-                info["test_acc"] = evaluate(done)
-            if ckpt is not None and ((config.checkpoint_every
-                                      and done % config.checkpoint_every == 0)
-                                     or done == config.steps):
-                checkpoint.save(ckpt, state, {"step": done, "config": cfg_dict,
-                                              "data": fingerprint, "history": history,
-                                              "elapsed": now()})
-                saved[:] = [done]
-            if bar is not None:
-                bar.update(1)
-                post = {"loss": f"{info['loss']:.4g}"}
-                if history["test_acc"]:
-                    post["test_acc"] = f"{history['test_acc'][-1]:.4f}"
-                bar.set_postfix(post, refresh=False)
-            if callback is not None:
-                callback(info)
-    finally:
-        if bar is not None:
-            bar.close()
-    history["seconds"] = now()
+    out = rfad.run_loop(
+        "FRePo", config, d, state, update, history=history,
+        checkpoint_path=None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME,
+        evaluate=_evaluator(config, d) if config.eval_every else None,
+        nan_error=nan_error, callback=callback, progress=progress, free=RESUMABLE_CHANGES)
+    state, history = out.state, out.history
     p = {k: np.asarray(v) for k, v in state["params"].items()}
     distilled = DistilledSet(
         images=p["images"], labels=p["labels"], label_kind="regression",
@@ -418,8 +392,8 @@ def run(config: FRePoConfig, d=None, *, checkpoint_dir=None,
         source={"method": "frepo",
                 "learner": f"krr on convnet{config.depth} features (pool of "
                            f"{config.pool_size}, width {config.width}, {config.norm})",
-                "config": cfg_dict, "dataset": config.dataset, "ipc": config.ipc,
-                "data_fingerprint": fingerprint, "init": config.init},
+                "config": dataclasses.asdict(config), "dataset": config.dataset,
+                "ipc": config.ipc, "data_fingerprint": d.fingerprint(), "init": config.init},
         extra={"steps": int(state["step"]),
                "resets": np.asarray(state["resets"]).tolist(),
                "test_acc": history["test_acc"][-1] if history["test_acc"] else None},

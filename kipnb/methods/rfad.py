@@ -41,7 +41,8 @@ Usage::
     evaluate.krr(res.distilled, d, kernel="conv", get="nngp")
 
 Step functions: ``state = init(cfg, d)``; ``state, info = update(state, cfg, d)``;
-``run`` adds checkpoints, exact resume, the NaN stop, history, progress and a callback.
+``run`` puts :func:`kipnb.loop.run` around them (checkpoints, exact resume, the NaN
+stop, history, progress and a callback; :func:`run_loop`, shared with :mod:`kipnb.frepo`).
 
 Determinism: the random networks of step ``s`` come from
 ``jax.random.fold_in(key(seed), s)`` and its targets from
@@ -53,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +65,7 @@ import numpy as np
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
-from kipnb import checkpoint, kip, krr, nets, preprocess
+from kipnb import kip, krr, loop, nets, preprocess
 from kipnb.checkpoint import CheckpointError
 from kipnb.distilled import DistilledSet
 
@@ -76,14 +76,16 @@ __all__ = [
     "RFADNumericalError",
     "RFADResult",
     "RandomFeatureEvaluator",
+    "check_data",
     "exact_nngp_kernel",
     "init",
     "random_feature_kernel",
     "random_features",
     "rfad_loss",
+    "run",
+    "run_loop",
     "step_key",
     "target_indices",
-    "run",
     "update",
 ]
 
@@ -430,10 +432,100 @@ def _empty_history() -> dict:
             "wall_time": []}
 
 
+def check_data(config, d=None, data_dir=None):
+    """The prepared data of an RFAD / FRePo ``config``: ``d`` checked, or loaded.
+
+    Args:
+        config: an :class:`RFADConfig` or :class:`kipnb.frepo.FRePoConfig`.
+        d: prepared data (:func:`kipnb.kip.prepare`), or None to prepare them from
+            ``config`` (``dataset``, ``preprocessing``, ``zca_reg``).
+        data_dir: where to look for the dataset files (when ``d`` is None).
+
+    Returns:
+        The prepared data.
+
+    Raises:
+        ValueError: ``d`` holds another dataset than ``config.dataset``.
+
+    Example:
+        >>> check_data(RFADConfig(dataset="digits")).dataset
+        'digits'
+    """
+    if d is None:
+        d = kip.prepare(kip.KIPConfig(dataset=config.dataset,
+                                      preprocessing=config.preprocessing,
+                                      zca_reg=config.zca_reg), data_dir=data_dir)
+    if d.dataset != config.dataset:
+        raise ValueError(f"The data are {d.dataset!r} but config.dataset is "
+                         f"{config.dataset!r}: prepare the data for this config.")
+    return d
+
+
+def run_loop(what: str, config, d, state: dict, update_fn: Callable, *, history: dict,
+             checkpoint_path, evaluate: Callable[[dict], float] | None,
+             nan_error: Callable[[int, dict, str], Exception],
+             callback: Callable[[dict], Any] | None, progress: bool,
+             free=RESUMABLE_CHANGES) -> loop.LoopResult:
+    """:func:`kipnb.loop.run` set up for a support-set method (RFAD, FRePo).
+
+    ``update_fn(state, config, d) -> (state, info)`` is the method's :func:`update`: its
+    ``state['step']`` counts the steps, so the batch of a step is a function of the
+    state and a resumed run equals an uninterrupted one. Evaluation at the start, every
+    ``config.eval_every`` steps and at the end (``history['test_acc']``); checkpoints
+    every ``config.checkpoint_every`` steps and at the end; resume checked against
+    ``dataclasses.asdict(config)`` (up to ``free``) and ``d.fingerprint()``.
+
+    Args:
+        what: the method's name in messages and on the progress bar ("RFAD").
+        config: the method's frozen config dataclass.
+        d: the prepared data.
+        state: the method's :func:`init` state (the template of a checkpoint's arrays).
+        update_fn: the method's :func:`update`.
+        history: the empty history (dict of lists; fixes the keys and their order).
+        checkpoint_path: the checkpoint file, or None.
+        evaluate: ``evaluate(params) -> test accuracy``, or None (no evaluation).
+        nan_error: ``nan_error(step, metrics, kept)`` builds the error of a NaN step.
+        callback: called after every step with ``step``, the step's metrics,
+            ``test_acc`` on evaluation steps and ``last``; it may return
+            :data:`kipnb.loop.STOP` to stop early (the state is checkpointed first).
+        progress: a tqdm bar.
+        free: config fields a resumed run may change.
+
+    Returns:
+        The :class:`kipnb.loop.LoopResult`.
+    """
+    def step(s, batch):
+        new, info = update_fn(s, config, d)
+        info = dict(info)
+        info.pop("step")  # the loop counts the steps
+        return new, info
+
+    user_callback = callback
+    if callback is not None:
+        def callback(info):  # noqa: F811 (the user's callback without the state)
+            return user_callback({k: v for k, v in info.items() if k != "state"})
+
+    evaluating = evaluate is not None
+    return loop.run(
+        state, step, config.steps, history=history, step_key="step",
+        evaluate=(lambda s, _step: {"test_acc": evaluate(s["params"])}) if evaluating else None,
+        eval_every=config.eval_every, eval_at_start=evaluating, eval_at_end=evaluating,
+        checkpoint_path=checkpoint_path, checkpoint_every=config.checkpoint_every,
+        config=dataclasses.asdict(config), fingerprint=d.fingerprint(), free=free,
+        what=what, unpack=lambda tree: jax.tree_util.tree_map(jnp.asarray, tree),
+        nan_error=nan_error, callback=callback, progress_bar=progress, desc=what,
+    )
+
+
 def run(config: RFADConfig, d=None, *, checkpoint_dir=None,
         callback: Callable[[dict], Any] | None = None, progress: bool = True,
         data_dir=None) -> RFADResult:
     """Run RFAD: :func:`init`, then :func:`update` ``config.steps`` times.
+
+    This is :func:`kipnb.loop.run` (checkpoints, exact resume, NaN stop, history,
+    progress, callback) over the public step functions; a hand-written loop
+    ``state = init(config, d)``, ``state, info = update(state, config, d)`` gives the
+    same set.
 
     Args:
         config: the :class:`RFADConfig`.
@@ -442,7 +534,8 @@ def run(config: RFADConfig, d=None, *, checkpoint_dir=None,
             ``checkpoint_every`` steps and at the end; a run of the same config finds it
             and resumes exactly (``steps`` etc. may change, :data:`RESUMABLE_CHANGES`).
         callback: called after every step with ``step``, ``loss``, ``batch_acc``,
-            ``test_acc`` on evaluation steps and ``last`` (e.g. :class:`kipnb.viz.LivePlot`).
+            ``test_acc`` on evaluation steps and ``last`` (e.g. :class:`kipnb.viz.LivePlot`);
+            returning :data:`kipnb.loop.STOP` stops the run (checkpointed first).
         progress: a tqdm bar.
         data_dir: where to look for the dataset files.
 
@@ -455,92 +548,33 @@ def run(config: RFADConfig, d=None, *, checkpoint_dir=None,
         RFADNumericalError: the loss or gradient became NaN/Inf (the update is not
             applied; the last checkpoint is kept).
         CheckpointError: ``checkpoint_dir`` holds a checkpoint of another run.
+
+    Example:
+        >>> d = kip.prepare("digits")  # doctest: +SKIP
+        >>> res = run(RFADConfig(dataset="digits", ipc=1, steps=20), d)  # doctest: +SKIP
+        >>> res.distilled.label_kind  # doctest: +SKIP
+        'regression'
     """
     if not isinstance(config, RFADConfig):
         raise TypeError(f"config must be an RFADConfig, got {type(config).__name__}.")
-    if d is None:
-        d = kip.prepare(kip.KIPConfig(dataset=config.dataset,
-                                      preprocessing=config.preprocessing,
-                                      zca_reg=config.zca_reg), data_dir=data_dir)
-    if d.dataset != config.dataset:
-        raise ValueError(f"The data are {d.dataset!r} but config.dataset is "
-                         f"{config.dataset!r}: prepare the data for this config.")
+    d = check_data(config, d, data_dir)
     state = init(config, d)
     classes = np.asarray(state["params"]["labels"]).argmax(axis=1).astype(np.int32)
-    cfg_dict = dataclasses.asdict(config)
-    fingerprint = d.fingerprint()
-    history, elapsed = _empty_history(), 0.0
-    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.exists():
-        checkpoint.check_resumable(ckpt, cfg_dict, fingerprint, what="RFAD",
-                                   free=RESUMABLE_CHANGES)
-        state, meta = checkpoint.load(ckpt, state)
-        state = jax.tree_util.tree_map(jnp.asarray, state)
-        history, elapsed = meta["history"], float(meta["elapsed"])
-    start = int(state["step"])
-    saved = [start] if ckpt is not None and start > 0 else []
-    evaluator = RandomFeatureEvaluator(config, d) if config.eval_every else None
-    t0 = time.perf_counter()
 
-    def now():
-        return elapsed + time.perf_counter() - t0
+    def nan_error(step: int, metrics: dict, kept: str) -> Exception:
+        return RFADNumericalError(
+            f"RFAD step {step}: the loss or its gradient is NaN/Inf "
+            f"(loss={metrics['loss']}); the update was not applied. {kept} Fixes: raise "
+            f"reg (now {config.reg:g}), lower learning_rate (now "
+            f"{config.learning_rate:g}) or temp_learning_rate (now "
+            f"{config.temp_learning_rate:g}).")
 
-    def evaluate(step):
-        acc = evaluator(state["params"])
-        history["eval_step"].append(step)
-        history["test_acc"].append(acc)
-        history["wall_time"].append(now())
-        return acc
-
-    def save(step):
-        checkpoint.save(ckpt, state, {"step": step, "config": cfg_dict, "data": fingerprint,
-                                      "history": history, "elapsed": now()})
-        saved[:] = [step]
-
-    if evaluator is not None and start == 0 and not history["eval_step"]:
-        evaluate(0)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, initial=min(start, config.steps), desc="RFAD")
-    try:
-        for _ in range(start, config.steps):
-            state_new, info = update(state, config, d)
-            if not info["finite"]:
-                kept = (f"The last good checkpoint ({ckpt}, step {saved[0]}) was kept."
-                        if saved else "No checkpoint was written yet.")
-                raise RFADNumericalError(
-                    f"RFAD step {info['step']}: the loss or its gradient is NaN/Inf "
-                    f"(loss={info['loss']}); the update was not applied. {kept} Fixes: raise "
-                    f"reg (now {config.reg:g}), lower learning_rate (now "
-                    f"{config.learning_rate:g}) or temp_learning_rate (now "
-                    f"{config.temp_learning_rate:g}).")
-            state = state_new
-            done = info.pop("step")
-            info.pop("finite")
-            history["step"].append(done)
-            history["loss"].append(info["loss"])
-            history["batch_acc"].append(info["batch_acc"])
-            info = {"step": done, **info, "last": done == config.steps}
-            if evaluator is not None and (done % config.eval_every == 0 or done == config.steps):
-                info["test_acc"] = evaluate(done)
-            if ckpt is not None and ((config.checkpoint_every
-                                      and done % config.checkpoint_every == 0)
-                                     or done == config.steps):
-                save(done)
-            if bar is not None:
-                bar.update(1)
-                post = {"loss": f"{info['loss']:.4g}"}
-                if history["test_acc"]:
-                    post["test_acc"] = f"{history['test_acc'][-1]:.4f}"
-                bar.set_postfix(post, refresh=False)
-            if callback is not None:
-                callback(info)
-    finally:
-        if bar is not None:
-            bar.close()
-    history["seconds"] = now()
+    out = run_loop(
+        "RFAD", config, d, state, update, history=_empty_history(),
+        checkpoint_path=None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME,
+        evaluate=RandomFeatureEvaluator(config, d) if config.eval_every else None,
+        nan_error=nan_error, callback=callback, progress=progress)
+    state, history = out.state, out.history
     p = {k: np.asarray(v) for k, v in state["params"].items()}
     distilled = DistilledSet(
         images=p["images"], labels=p["labels"], label_kind="regression",
@@ -548,8 +582,8 @@ def run(config: RFADConfig, d=None, *, checkpoint_dir=None,
         source={"method": "rfad",
                 "learner": f"krr random-feature convnet{config.depth}-nngp "
                            f"({config.n_models} nets of width {config.width})",
-                "config": cfg_dict, "dataset": config.dataset, "ipc": config.ipc,
-                "data_fingerprint": fingerprint, "init": config.init},
+                "config": dataclasses.asdict(config), "dataset": config.dataset,
+                "ipc": config.ipc, "data_fingerprint": d.fingerprint(), "init": config.init},
         extra={"steps": int(state["step"]), "temperature": float(np.exp(p["log_temp"])),
                "test_acc": history["test_acc"][-1] if history["test_acc"] else None},
     )
