@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
-from kipnb import kip, krr, nets, preprocess, rfad
+from kipnb import checks, kip, krr, nets, preprocess, rfad
 from kipnb.checkpoint import CheckpointError
 from kipnb.distilled import DistilledSet
 
@@ -129,13 +129,11 @@ class FRePoConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self):
-        for name, lo in (("ipc", 1), ("steps", 0), ("pool_size", 1), ("width", 1),
-                         ("depth", 1), ("max_online_steps", 1), ("online_steps", 0),
-                         ("target_batch_size", 1), ("eval_every", 0), ("eval_models", 1),
-                         ("eval_test_size", 1), ("checkpoint_every", 0), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"FRePoConfig.{name}={v!r}: must be an integer >= {lo}.")
+        checks.int_fields(self, (("ipc", 1), ("steps", 0), ("pool_size", 1), ("width", 1),
+                                 ("depth", 1), ("max_online_steps", 1), ("online_steps", 0),
+                                 ("target_batch_size", 1), ("eval_every", 0),
+                                 ("eval_models", 1), ("eval_test_size", 1),
+                                 ("checkpoint_every", 0), ("seed", 0)))
         for name in ("learning_rate", "online_learning_rate", "reg"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FRePoConfig.{name}={getattr(self, name)!r}: must be positive.")

@@ -65,7 +65,7 @@ import numpy as np
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
-from kipnb import kip, krr, loop, nets, preprocess
+from kipnb import checks, kip, krr, loop, nets, preprocess
 from kipnb.checkpoint import CheckpointError
 from kipnb.distilled import DistilledSet
 
@@ -98,12 +98,6 @@ RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "eval_every", "eval_
 
 class RFADNumericalError(krr.NumericalError):
     """The RFAD loss or its gradient became NaN/Inf."""
-
-
-def _int_field(cfg, name, minimum):
-    v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{type(cfg).__name__}.{name}={v!r}: must be an integer >= {minimum}.")
 
 
 @dataclass(frozen=True)
@@ -156,10 +150,10 @@ class RFADConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self):
-        for name, lo in (("ipc", 1), ("steps", 0), ("n_models", 1), ("width", 1), ("depth", 1),
-                         ("target_batch_size", 1), ("eval_every", 0), ("eval_models", 1),
-                         ("eval_test_size", 1), ("checkpoint_every", 0), ("seed", 0)):
-            _int_field(self, name, lo)
+        checks.int_fields(self, (("ipc", 1), ("steps", 0), ("n_models", 1), ("width", 1),
+                                 ("depth", 1), ("target_batch_size", 1), ("eval_every", 0),
+                                 ("eval_models", 1), ("eval_test_size", 1),
+                                 ("checkpoint_every", 0), ("seed", 0)))
         for name in ("learning_rate", "temp_learning_rate", "reg", "W_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RFADConfig.{name}={getattr(self, name)!r}: must be positive.")
