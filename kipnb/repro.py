@@ -81,6 +81,7 @@ _ROW_KEYS = {"name", "notebook", "script", "parameters", "metric", "scale", "see
              "seed_parameter", "published", "hardware", "minutes", "note"}
 _PUBLISHED_KEYS = {"value", "source", "comparable", "verified", "why"}
 _SOURCE_KEYS = {"paper", "table", "network"}
+_RUN_HASH = re.compile(r"-[0-9a-f]{8,}$")
 _SELECT = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<conds>[^\]]+)\]$")
 
 
@@ -618,8 +619,10 @@ def load_sets(directories: Sequence[str | os.PathLike] | str | os.PathLike,
 
     Files under ``checkpoints/`` or ``experts/`` are not looked at; an ``.npz`` that is
     not a distilled set is listed in ``skipped`` with the reason (never silently).
-    Labels that two files share (``ls_fc`` of notebooks 02 and 04) get the file's
-    directory (relative to the scanned one) appended, ``ls_fc [04_kip_convnet_and_transfer]``.
+    Labels that two files share (``mtt`` of notebooks 06 and 07) get the name of the
+    file's directory appended, without the reproduction runner's ``-PARAMETERSHASH``:
+    ``mtt (06_trajectory_matching)``; if that still clashes (one notebook run with two
+    parameter sets), the whole directory relative to the scanned one.
 
     Args:
         directories: one directory or several.
@@ -654,14 +657,23 @@ def load_sets(directories: Sequence[str | os.PathLike] | str | os.PathLike,
             ipc = (ds.source or {}).get("ipc") or len(ds.images) // ds.num_classes
             found.append({"label": set_label(ds, path), "ipc": int(ipc), "path": str(path),
                           "set": ds, "where": path.parent.relative_to(root).as_posix()})
-    counts = {}
+    def clash(key):
+        counts = {}
+        for f in found:
+            counts[key(f)] = counts.get(key(f), 0) + 1
+        return lambda f: counts[key(f)] > 1
+
+    # A label two files share gets the notebook's directory name, without the repro
+    # runner's -PARAMETERSHASH suffix (stable across parameter changes); if that still
+    # clashes (one notebook run with two parameter sets), the whole relative directory.
+    shared = clash(lambda f: (f["label"], f["ipc"]))
     for f in found:
-        counts[(f["label"], f["ipc"])] = counts.get((f["label"], f["ipc"]), 0) + 1
+        f["short"] = _RUN_HASH.sub("", Path(f["where"]).name) if shared(f) else None
+    still = clash(lambda f: (f["label"], f["ipc"], f["short"]))
     for f in found:
-        if counts[(f["label"], f["ipc"])] > 1:
-            f["label"] = f"{f['label']} [{f.pop('where')}]"
-        else:
-            f.pop("where")
+        where, short = f.pop("where"), f.pop("short")
+        if short is not None:
+            f["label"] = f"{f['label']} ({where if still({**f, 'short': short}) else short})"
     found.sort(key=lambda f: (f["label"], f["ipc"]))
     return found, skipped
 

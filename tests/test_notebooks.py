@@ -88,6 +88,14 @@ def check_05(r):
     assert r["sampler"]["min_p"] >= r["sampler"]["bound"] * (1 - 1e-9)
     assert abs(r["sensitivity"]["kmeans_sum"] - 10 * (1 + 3)) < 1e-6  # C * (1 + k)
     assert r["n_test"] == 449 and r["dataset"] == "digits"
+    from kipnb import DistilledSet  # importance-initialised KIP, saved for notebook 08
+
+    assert sorted(r["saved_sets"]) == ["1", "2"]
+    for ipc, path in r["saved_sets"].items():
+        ds = DistilledSet.load(path)
+        assert ds.source["ipc"] == int(ipc) and len(ds.images) == 10 * int(ipc)
+        assert ds.source["init"] == "importance (krr sensitivity)", ds.source
+        assert set(map(int, ds.classes)) == set(range(10)), ds.classes
 
 
 def check_06(r):

@@ -252,9 +252,15 @@ def test_load_sets_judge_all_and_table(tmp_path):
 
     d = kip.prepare("digits")
     ls = label_solve.solve(d, 1, seed=0, n_targets=300)
-    for sub in ("a", "b"):  # the same label twice: told apart by directory
-        (tmp_path / sub).mkdir()
-        ls.save(tmp_path / sub / "ls_fc_ipc1.npz")
+    runs = {"a": "02_ls-0123456789abcdef", "b": "04_kip-fedcba9876543210",
+            "c": "06_x-1111111111111111", "d": "06_x-2222222222222222"}
+    for sub in runs.values():  # a label twice: told apart by notebook, without the run hash
+        (tmp_path / "spec" / sub).mkdir(parents=True)
+    ls.save(tmp_path / "spec" / runs["a"] / "ls_fc_ipc1.npz")
+    ls.save(tmp_path / "spec" / runs["b"] / "ls_fc_ipc1.npz")
+    for k in "cd":  # one notebook, two parameter sets: the whole directory
+        ls.save(tmp_path / "spec" / runs[k] / "mtt_ipc1.npz")
+    (tmp_path / "a").mkdir()
     for ipc in (1, 2):
         idx = np.concatenate([np.flatnonzero(d.labels_train == c)[:ipc] for c in range(10)])
         DistilledSet(d.x_train[idx], d.labels_train[idx], "class", 10, transform=d.transform,
@@ -264,7 +270,10 @@ def test_load_sets_judge_all_and_table(tmp_path):
     np.savez(tmp_path / "a" / "experts" / "expert_000.npz", x=np.zeros(3))  # never looked at
     sets, skipped = repro.load_sets(tmp_path)
     assert [(s["label"], s["ipc"]) for s in sets] == [
-        ("ls_fc [a]", 1), ("ls_fc [b]", 1), ("random", 1), ("random", 2)]
+        ("ls_fc (02_ls)", 1), ("ls_fc (04_kip)", 1), ("mtt (spec/06_x-1111111111111111)", 1),
+        ("mtt (spec/06_x-2222222222222222)", 1), ("random", 1), ("random", 2)]
+    assert repro.lookup({"r": [{"set": "ls_fc (02_ls)", "ipc": 1, "v": 3}]},
+                        "r[set=ls_fc (02_ls),ipc=1].v") == 3  # spec metric paths can name it
     assert [Path(s["path"]).name for s in skipped] == ["not_a_set.npz"]
     assert "meta" in skipped[0]["why"] or skipped[0]["why"]
     with pytest.raises(FileNotFoundError, match="no such directory"):
@@ -272,10 +281,10 @@ def test_load_sets_judge_all_and_table(tmp_path):
     evs = [e for e in repro.default_evaluators(n_test=200) if e["name"] == "krr_fc"]
     recs = repro.judge_all(sets, d, evs, log=None)
     by = {(r["set"], r["ipc"]): r for r in recs}
-    assert by[("ls_fc [a]", 1)]["mean"] > by[("random", 1)]["mean"] > 0.3  # chance: 0.1
+    assert by[("ls_fc (02_ls)", 1)]["mean"] > by[("random", 1)]["mean"] > 0.3  # chance: 0.1
     table = repro.compare_table(recs)
     assert table.splitlines()[0] == "| images/class | set | krr_fc |"
     top = max((r for r in recs if r["ipc"] == 1), key=lambda r: r["mean"])
     assert f"| 1 | {top['set']} | **{100 * top['mean']:.1f}** |" in table
-    assert table.count("**") == 2 * 3  # the best cell per ipc (a tie at 1: both)
-    assert len(table.splitlines()) == 2 + 4
+    assert table.count("**") == 2 * 5  # the best cell per ipc (a tie at 1: the four copies)
+    assert len(table.splitlines()) == 2 + 6
