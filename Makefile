@@ -16,13 +16,20 @@ export MALLOC_TRIM_THRESHOLD_ = 2147483647
 # working directory) on every editable install, even under -q; it asks nothing of a user.
 QUIET_EDITABLE := PYTHONWARNINGS="ignore:Editable installation"
 
-.PHONY: run test setup data lint lab bench clean pin student grade repro repro-readme
+.PHONY: run test setup data lint lab bench clean pin student grade repro repro-readme ntenv
 
 run: $(STAMP) data          ## execute every notebook on Fashion-MNIST into $(OUT)
 	$(BIN)/python -m kipnb.run --output $(OUT)
 
+NTENV ?= build/ntenv
+$(NTENV)/bin/python:        # neural-tangents 0.6.5 in its own pinned environment (kernel_speed rows, NT fixtures)
+	$(PYTHON) -m venv $(NTENV)
+	$(NTENV)/bin/pip install -q jax==0.4.30 jaxlib==0.4.30 neural-tangents==0.6.5 \
+	    tf2jax==0.3.6 "tensorflow-cpu==2.17.*" "numpy<2"
+ntenv: $(NTENV)/bin/python  ## the pinned neural-tangents 0.6.5 environment in build/ntenv
+
 REPRO_OUT ?= build/repro
-repro: $(STAMP) data        ## every cpu row of every repro/ spec (about 2 h on 2 cores; reruns reuse) -> results/
+repro: $(STAMP) data $(NTENV)/bin/python ## every cpu row of every repro/ spec (about 2 h on 2 cores; reruns reuse) -> results/
 	MPLBACKEND=agg $(BIN)/python -m kipnb.run --repro all --profile cpu -o $(REPRO_OUT) --keep-going
 	$(BIN)/python -m kipnb.repro readme
 

@@ -57,6 +57,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -413,6 +414,10 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         ap.error("--out is required")
+    if args.nt_python and not shutil.which(args.nt_python):
+        ap.error(f"--nt-python {args.nt_python}: no such Python; build the pinned "
+                 "neural-tangents environment with `make ntenv` (or leave --nt-python out "
+                 "to time kipnb alone)")
 
     start = time.perf_counter()
     settings = {"conv_n": args.conv_n, "fc_n": args.fc_n, "repeats": args.repeats,

@@ -335,8 +335,13 @@ def _summary(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def _run_one(row: Row, seed, out_dir: Path, notebook_dir: Path | None, log,
-             execution_timeout) -> tuple[dict, float, bool]:
-    """Run (or reuse) one seed of a row; returns (results, seconds, reused)."""
+             execution_timeout, failed: dict | None = None) -> tuple[dict, float, bool]:
+    """Run (or reuse) one seed of a row; returns (results, seconds, reused).
+
+    ``failed`` maps run directories that failed earlier in this call of :func:`run_spec`
+    to their row: rows sharing a failed run are not run again (a script that fails
+    before its output, such as a missing neural-tangents environment, would otherwise be
+    retried once per row)."""
     params = dict(row.parameters)
     if seed is not None:
         params[row.seed_parameter] = seed
@@ -361,9 +366,14 @@ def _run_one(row: Row, seed, out_dir: Path, notebook_dir: Path | None, log,
         if {k: old.get(k) for k in stamp} == stamp:
             log(f"[kipnb.repro] {row.name} seed {seed}: reused {results_path}", flush=True)
             return json.loads(results_path.read_text()), float(old.get("seconds", 0.0)), True
+    if failed is not None and out_dir in failed:
+        raise RuntimeError(f"{row.name} seed {seed}: the same run as row {failed[out_dir]!r}, "
+                           "which failed above; not retried")
     if stamp_path.exists():
         stamp_path.unlink()  # a run is current only once it has finished
     out_dir.mkdir(parents=True, exist_ok=True)
+    if failed is not None:
+        failed[out_dir] = row.name  # until it finishes
     t0 = time.perf_counter()
     if row.notebook:
         runs = _run.run_notebooks([nb], out_dir, params, log=log,
@@ -381,6 +391,8 @@ def _run_one(row: Row, seed, out_dir: Path, notebook_dir: Path | None, log,
             raise RuntimeError(f"{row.name}: {shlex.join(cmd)} failed (exit {proc.returncode})")
         results = json.loads(results_path.read_text())
     seconds = time.perf_counter() - t0
+    if failed is not None:
+        failed.pop(out_dir, None)
     from kipnb.results import write_json
 
     write_json(stamp_path, {**stamp, "seconds": seconds,
@@ -439,7 +451,7 @@ def run_spec(
     if json_path.is_file():
         previous = {r["name"]: r for r in json.loads(json_path.read_text()).get("rows", [])}
     env = _environment()
-    out_rows, failures = {}, []
+    out_rows, failures, failed_runs = {}, [], {}
     for row in selected:
         values, seconds, reused, error, inner_std = [], 0.0, True, None, None
         log(f"[kipnb.repro] {spec.name}/{row.name} ({row.hardware}, "
@@ -447,7 +459,8 @@ def run_spec(
         try:
             for seed in row.seeds:
                 res, sec, was_reused = _run_one(row, seed, Path(output) / spec.name,
-                                                notebook_dir, log, execution_timeout)
+                                                notebook_dir, log, execution_timeout,
+                                                failed_runs)
                 vals, inner_std = _metric_values(lookup(res, row.metric), row.scale)
                 values += vals
                 seconds += sec

@@ -112,6 +112,7 @@ import json, os
 os.makedirs(OUTPUT_DIR, exist_ok=True)
 with open(os.path.join(COUNTER), "a") as f:
     f.write("x")
+assert X != 3, "X must not be 3"
 json.dump({"value": X + SEED / 10, "other": {"mean": 0.5, "std": 0.1, "accs": [0.4, 0.6]}},
           open(os.path.join(OUTPUT_DIR, "results.json"), "w"))
 """
@@ -212,6 +213,21 @@ def test_failed_notebook_is_reported(fake, tmp_path):
                        notebook_dir=nb_dir, keep_going=True, log=lambda *a, **k: None)
     doc = json.loads((tmp_path / "r" / "fake.json").read_text())
     assert [r["status"] for r in doc["rows"]] == ["ok", "failed", "not yet run"]
+
+
+def test_rows_sharing_a_failed_run_do_not_retry_it(fake, tmp_path):
+    spec_path, nb_dir, counter = fake
+    spec = repro.load_spec(spec_path)
+    for r in spec.rows[:2]:  # a (seed 0) and b: one run, which fails
+        r.parameters["X"] = 3
+    spec.rows[0].seeds = [0]
+    with pytest.raises(RuntimeError, match=r"b: RuntimeError: b seed 0: the same run as row 'a'"):
+        repro.run_spec(spec, output=tmp_path / "b", results_dir=tmp_path / "r",
+                       notebook_dir=nb_dir, keep_going=True, log=lambda *a, **k: None)
+    assert counter.read_text() == "x"  # tried once, not once per row
+    doc = json.loads((tmp_path / "r" / "fake.json").read_text())
+    assert [r["status"] for r in doc["rows"]] == ["failed", "failed", "not yet run"]
+    assert "X must not be 3" in doc["rows"][0]["error"]
 
 
 def test_update_readme(tmp_path):
