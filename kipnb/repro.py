@@ -58,6 +58,7 @@ __all__ = [
     "SpecError",
     "code_version",
     "compare_table",
+    "metric_conditions",
     "default_evaluators",
     "judge",
     "judge_all",
@@ -116,6 +117,7 @@ class Spec:
     path: Path
     rows: list[Row]
     description: str = ""
+    pivot: dict | None = None
 
     def select(self, names: Sequence[str] = (), profile: str | None = "cpu") -> list[Row]:
         """Rows by name (all named rows, any hardware) or else every row of ``profile``."""
@@ -157,10 +159,18 @@ def load_spec(path: str | os.PathLike) -> Spec:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(doc, Mapping):
         raise SpecError(f"{path}: a spec is a mapping with 'title' and 'rows'.")
-    unknown = set(doc) - {"title", "description", "defaults", "rows"}
+    unknown = set(doc) - {"title", "description", "defaults", "rows", "pivot"}
     if unknown:
         raise SpecError(f"{path}: unknown top-level keys {sorted(unknown)} "
-                        "(allowed: title, description, defaults, rows).")
+                        "(allowed: title, description, defaults, rows, pivot).")
+    pivot = doc.get("pivot")
+    if pivot is not None and not (
+        isinstance(pivot, Mapping) and set(pivot) == {"rows", "column"}
+        and isinstance(pivot["rows"], list) and pivot["rows"]
+        and all(isinstance(k, str) for k in [*pivot["rows"], pivot["column"]])
+    ):
+        raise SpecError(f"{path}: 'pivot' is {{rows: [KEY, ...], column: KEY}}, keys of the "
+                        "rows' metric selections (records[set=...,ipc=...,evaluator=...]).")
     if not doc.get("title"):
         raise SpecError(f"{path}: missing 'title' (the published table it reproduces).")
     rows_in = doc.get("rows")
@@ -179,7 +189,8 @@ def load_spec(path: str | os.PathLike) -> Spec:
             raise _err(path, f"row {row.name!r}", "duplicate row name")
         names.add(row.name)
         rows.append(row)
-    return Spec(path.stem, str(doc["title"]), path, rows, str(doc.get("description") or ""))
+    return Spec(path.stem, str(doc["title"]), path, rows, str(doc.get("description") or ""),
+                dict(pivot) if pivot else None)
 
 
 def _parse_row(path, i, d) -> Row:
@@ -481,6 +492,8 @@ def run_spec(
         "rows": [out_rows.get(r.name) or _refreshed(r, previous.get(r.name))
                  for r in spec.rows],
     }
+    if spec.pivot:
+        doc["pivot"] = spec.pivot
     from kipnb.results import write_json
 
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -543,21 +556,83 @@ def _fmt(x, nd=1):
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+def metric_conditions(metric: str) -> dict:
+    """The ``key=value`` selections of a metric path, merged over its segments.
+
+    Example:
+        >>> metric_conditions("records[set=kip_fc,ipc=10,evaluator=krr_fc]")
+        {'set': 'kip_fc', 'ipc': 10, 'evaluator': 'krr_fc'}
+    """
+    out = {}
+    for seg in metric.split("."):
+        m = _SELECT.match(seg)
+        if m:
+            for cond in m["conds"].split(","):
+                key, _, value = cond.partition("=")
+                out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _ours(r) -> str:
+    if r["status"] in ("ok", "reused") and r["mean"] is not None:
+        return f"**{_fmt(r['mean'])}**" + (f" ± {_fmt(r['std'])}" if r["std"] else "")
+    return r["status"]
+
+
+def _render_pivot(doc: Mapping) -> tuple[list[str], list]:
+    """A spec with ``pivot``: ours as a matrix (rows: the pivot's keys, columns: its
+    column key, from each row's metric selections); the rows that do not fit a cell
+    (another hardware class than the first row's, or a cell taken) are returned."""
+    keys, col = doc["pivot"]["rows"], doc["pivot"]["column"]
+    cells, order, columns, rest = {}, [], [], []
+    hardware = doc["rows"][0]["hardware"]
+    for r in doc["rows"]:
+        c = metric_conditions(r["metric"])
+        if r["hardware"] != hardware or not all(k in c for k in [*keys, col]):
+            rest.append(r)
+            continue
+        rk, ck = tuple(c[k] for k in keys), c[col]
+        if (rk, ck) in cells:
+            rest.append(r)
+            continue
+        cells[rk, ck] = r
+        order += [rk] if rk not in order else []
+        columns += [ck] if ck not in columns else []
+    lines = ["| " + " | ".join([*keys, *columns]) + " |",
+             "|" + "---|" * (len(keys) + len(columns))]
+    for rk in order:
+        lines.append("| " + " | ".join([*(str(k) for k in rk),
+                                        *(_ours(cells[rk, ck]) if (rk, ck) in cells else "–"
+                                          for ck in columns)]) + " |")
+    runs = [r for r in cells.values() if r.get("environment")]
+    if runs:
+        env = runs[0]["environment"]
+        wall = max(r.get("wall_seconds") or 0 for r in runs)
+        lines += ["", f"{hardware}, one run of {wall:.0f} s, JAX {env.get('jax')}, commit "
+                  f"{(env.get('commit') or '')[:8]}{'+' if env.get('dirty') else ''}."]
+    return lines, rest
+
+
 def render_markdown(doc: Mapping) -> str:
     """The Markdown table of a ``results/SPEC.json`` document (what README shows).
 
     Columns: row, ours (mean ± std over seeds), published (with its source; † not
     comparable, ? not verified in the paper's text), gap, hardware, wall time, JAX, commit.
+    A spec with ``pivot`` (the cross-method table) shows ours as a matrix instead, then
+    the rows that do not fit it in the usual table.
     """
-    lines = [
+    head, rows = [], doc["rows"]
+    if doc.get("pivot"):
+        head, rows = _render_pivot(doc)
+        if not rows:
+            return "\n".join(head)
+        head += [""]
+    lines = head + [
         "| row | ours | published | gap | hardware | wall time | JAX | commit |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in doc["rows"]:
-        if r["status"] in ("ok", "reused") and r["mean"] is not None:
-            ours = f"**{_fmt(r['mean'])}**" + (f" ± {_fmt(r['std'])}" if r["std"] else "")
-        else:
-            ours = r["status"]
+    for r in rows:
+        ours = _ours(r)
         pub = r.get("published")
         if pub:
             marks = ("" if pub["comparable"] else "†") + ("" if pub["verified"] else "?")
@@ -607,7 +682,12 @@ def update_readme(readme: str | os.PathLike = ROOT / "README.md",
         if not path.is_file():
             raise SpecError(f"{readme} shows repro:{m['name']} but {path} does not exist; "
                             f"run python -m kipnb.run --repro {m['name']}.")
-        body = render_markdown(json.loads(path.read_text())) + "\n"
+        doc = json.loads(path.read_text())
+        spec_path = SPEC_DIR / f"{m['name']}.yaml"
+        if "pivot" not in doc and spec_path.is_file():  # results written before the spec had one
+            pivot = load_spec(spec_path).pivot
+            doc = {**doc, "pivot": pivot} if pivot else doc
+        body = render_markdown(doc) + "\n"
         if body != m["body"]:
             stale.append(m["name"])
         return m.group(1) + body + m.group(4)

@@ -230,6 +230,30 @@ def test_rows_sharing_a_failed_run_do_not_retry_it(fake, tmp_path):
     assert "X must not be 3" in doc["rows"][0]["error"]
 
 
+def test_pivot_table_renders_a_matrix(tmp_path):
+    def rec(name, metric, mean, hardware="cpu", status="ok"):
+        return {"name": name, "metric": metric, "status": status, "mean": mean, "std": 0.5,
+                "published": None, "gap": None, "hardware": hardware, "minutes_estimated": 1,
+                "wall_seconds": 12.0, "environment": {"jax": "0.1", "commit": "abcdef123"}}
+    sel = "records[set={},ipc={},evaluator={}]".format
+    doc = {"pivot": {"rows": ["ipc", "set"], "column": "evaluator"}, "rows": [
+        rec("a", sel("kip", 1, "krr"), 80.0), rec("b", sel("kip", 1, "net"), 70.0),
+        rec("c", sel("ls", 1, "krr"), 60.0), rec("d", sel("ls", 1, "net"), None, status="failed"),
+        rec("e", sel("kip", 10, "krr"), 90.0),
+        rec("paper", sel("kip", 10, "krr"), 95.0, hardware="accelerator")]}
+    md = repro.render_markdown(doc)
+    lines = md.splitlines()
+    assert lines[:6] == ["| ipc | set | krr | net |", "|---|---|---|---|",
+                         "| 1 | kip | **80.0** ± 0.5 | **70.0** ± 0.5 |",
+                         "| 1 | ls | **60.0** ± 0.5 | failed |", "| 10 | kip | **90.0** ± 0.5 | – |",
+                         ""]
+    assert "cpu, one run of 12 s, JAX 0.1, commit abcdef12." in md
+    assert "| paper | **95.0** ± 0.5 | – | – | accelerator (~1 min) |" in md  # off the matrix: listed
+    assert repro.metric_conditions("a[x=1].b[y=two]") == {"x": 1, "y": "two"}
+    with pytest.raises(repro.SpecError, match="'pivot' is"):
+        repro.load_spec(write_spec(tmp_path, "title: T\npivot: {rows: ipc}\nrows:" + GOOD_ROW))
+
+
 def test_update_readme(tmp_path):
     res = tmp_path / "results"
     res.mkdir()
