@@ -386,6 +386,19 @@ def default_solve_reg(dtype) -> float:
 # ------------------------------------------------------------ blockwise evaluation
 
 
+def _raise_on_bad_block(flags, blocks) -> None:
+    """Raise for the first block whose kernel had NaN/Inf entries (``flags``: one device
+    bool per block, read in one transfer)."""
+    if not flags:
+        return
+    ok = np.asarray(jnp.stack(flags))
+    if not ok.all():
+        start, stop = blocks[int(np.flatnonzero(~ok)[0])]
+        raise NumericalError(
+            f"k(x_t, x_s) has NaN/Inf entries in target rows {start}:{stop}. {_FIX}"
+        )
+
+
 def block_slices(n: int, block_size: int) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` of consecutive blocks of ``block_size`` rows covering ``range(n)``.
 
@@ -612,7 +625,7 @@ def krr_evaluate(
     alpha = _cho_solve_lower(lower, shard.replicate(y_s.astype(k_ss.dtype)))
     bs = _block_size(block_size, n_t)
 
-    sq_total, correct_total = 0.0, 0
+    sq_total, correct_total, sqs, corrects, flags = 0.0, 0, [], [], []
     blocks = list(block_slices(n_t, bs))
     for start, stop in _progress(blocks, len(blocks), progress, "KRR eval"):
         xb = _device_block(x_t, start, stop, bs, x_s.dtype)
@@ -623,10 +636,14 @@ def krr_evaluate(
             yb = _device_block(y_t, start, stop, bs, k_ss.dtype)
         mask = _mask(stop - start, bs, k_ss.dtype)
         sq, correct, finite = evaluate_block(kernel_fn, get, x_s, alpha, xb, yb, mask)
-        if not bool(finite):
-            raise NumericalError(
-                f"k(x_t, x_s) has NaN/Inf entries in target rows {start}:{stop}. {_FIX}"
-            )
+        sqs.append(sq)
+        corrects.append(correct)
+        flags.append(finite)
+    # One host sync after the loop, not one per block: the host queues block k+1 while
+    # the device computes block k (JAX's asynchronous dispatch).
+    _raise_on_bad_block(flags, blocks)
+    for sq, correct in zip(np.asarray(jnp.stack(sqs)), np.asarray(jnp.stack(corrects)),
+                           strict=True):
         sq_total += float(sq)
         correct_total += int(correct)
     return {
@@ -701,17 +718,15 @@ def label_solve(
     _check_finite(y_t, "y_t", "Check the targets.")
     gram = shard.replicate(np.zeros((n_s, n_s), dtype))
     rhs = shard.replicate(np.zeros((n_s, num_classes), dtype))
-    blocks = list(block_slices(n_t, bs))
+    blocks, flags = list(block_slices(n_t, bs)), []
     for start, stop in _progress(blocks, len(blocks), progress, "Label Solve"):
         xb = _device_block(x_t, start, stop, bs, x_s.dtype)
         yb = _device_block(y_t, start, stop, bs, dtype)
         gram, rhs, finite = _accumulate_normal_equations(
             kernel_fn, get, x_s, lower, gram, rhs, xb, yb, _mask(stop - start, bs, dtype)
         )
-        if not bool(finite):
-            raise NumericalError(
-                f"k(x_t, x_s) has NaN/Inf entries in target rows {start}:{stop}. {_FIX}"
-            )
+        flags.append(finite)
+    _raise_on_bad_block(flags, blocks)  # one host sync, after the loop
 
     chol, y_s = _tikhonov_solve(gram, rhs, solve_reg)
     if _nonfinite_counts(chol) is not None:
