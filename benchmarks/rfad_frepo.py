@@ -18,9 +18,13 @@ features, 2000 test images), then judges the set by
   images (a fixed subset: the exact kernel costs ~2 ms per pair on 2 CPU cores).
 
 Published Fashion-MNIST figures (1 / 10 / 50 images per class), in ``PUBLISHED``: as
-recalled in the issue (RFAD 78.6 / 87.0 / 88.8; FRePo 75.6 / 86.2 / 89.6). They could not
-be checked against the papers' tables here (the search index did not hold the tables);
-``published_verified`` in the JSON says so.
+recalled in the issue (RFAD 78.6 / 87.0 / 88.8; FRePo 75.6 / 86.2 / 89.6), unverified: a
+search on 2026-12-02 did not reach the tables of Loo et al. (NeurIPS 2022, arXiv
+2210.12067) or Zhou et al. (NeurIPS 2022, arXiv 2206.00719) (the search corpus returns
+only each page's opening; its GitHub index holds the abstracts and FRePo's README, not the
+papers' text, and no restatement of these figures was found), so neither the values nor
+the evaluation network of each table are confirmed; ``published_verified`` in the JSON
+says so.
 
 Speed (all four in one process, interleaved in rounds so that machine load hits all)::
 

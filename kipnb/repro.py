@@ -19,7 +19,8 @@ A **spec** (``repro/NAME.yaml``) is one published table. Its rows each name
   that is itself ``{mean, std, accs}`` (seeds inside the notebook) is read as such;
 * ``published``: ``value`` with its ``source`` (``paper``, ``table``, ``network``),
   ``comparable`` (same kernel or network as ours) and ``verified`` (checked in the paper's
-  own text; when false, ``why``), or ``null`` when the paper has no such figure;
+  own text: then ``where``, the table and the quoted row; when false, ``why``), or ``null``
+  when the paper has no such figure;
 * ``hardware``: ``cpu`` (with estimated ``minutes`` on the 2-core CPU) or
   ``accelerator`` (the papers' settings).
 
@@ -80,7 +81,7 @@ RESULTS_DIR = ROOT / "results"
 HARDWARE = ("cpu", "accelerator")
 _ROW_KEYS = {"name", "notebook", "script", "parameters", "metric", "scale", "seeds",
              "seed_parameter", "published", "hardware", "minutes", "note"}
-_PUBLISHED_KEYS = {"value", "source", "comparable", "verified", "why"}
+_PUBLISHED_KEYS = {"value", "source", "comparable", "verified", "why", "where"}
 _SOURCE_KEYS = {"paper", "table", "network"}
 _RUN_HASH = re.compile(r"-[0-9a-f]{8,}$")
 _SELECT = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<conds>[^\]]+)\]$")
@@ -239,6 +240,11 @@ def _parse_row(path, i, d) -> Row:
                 raise _err(path, where, f"published {key!r} is true or false")
         if not pub["verified"] and not pub.get("why"):
             raise _err(path, where, "an unverified published figure says 'why'")
+        if pub["verified"] and not pub.get("where"):
+            raise _err(path, where, "a verified published figure says 'where' (table and row quoted)")
+        for key in ("why", "where"):
+            if key in pub and not isinstance(pub[key], str):
+                raise _err(path, where, f"published {key!r} is a string")
     return Row(
         name=str(d["name"]), metric=str(d["metric"]), hardware=d["hardware"],
         notebook=d.get("notebook"),

@@ -43,6 +43,10 @@ def test_good_spec_parses(tmp_path):
     assert spec.select() == [row] and spec.select(profile="accelerator") == []
     with pytest.raises(repro.SpecError, match=r"no row named \['b'\]"):
         spec.select(["b"])
+    verified = GOOD_ROW.replace("      verified: false\n      why: a test\n",
+                                "      verified: true\n      where: 'Table 1, row a: 1.0'\n")
+    (row,) = repro.load_spec(write_spec(tmp_path, "title: T\nrows:" + verified)).rows
+    assert row.published["verified"] and row.published["where"] == "Table 1, row a: 1.0"
 
 
 @pytest.mark.parametrize(
@@ -54,6 +58,10 @@ def test_good_spec_parses(tmp_path):
         (("seeds: [0, 1]", "seeds: [zero]"), r"'seeds' is a non-empty list of integers"),
         (("      verified: false\n      why: a test\n", "      verified: false\n"),
          r"an unverified published figure says 'why'"),
+        (("      verified: false\n      why: a test\n", "      verified: true\n"),
+         r"a verified published figure says 'where' \(table and row quoted\)"),
+        (("      verified: false\n      why: a test\n", "      verified: true\n      where: [T1]\n"),
+         r"published 'where' is a string"),
         (("      source: {paper: P, table: T1, network: N}", "      source: {paper: P}"),
          r"published source needs \['network', 'paper', 'table'\]"),
         (("      comparable: true\n", ""), r"published figure lacks \['comparable'\]"),
@@ -145,6 +153,7 @@ rows:
       source: {{paper: P, table: T1, network: N}}
       comparable: true
       verified: true
+      where: Table 1, row a
   - name: b
     notebook: 99_fake
     parameters: {{X: 1, COUNTER: {str(counter)!r}}}
