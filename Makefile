@@ -33,7 +33,8 @@ repro: $(STAMP) data $(NTENV)/bin/python ## every cpu row of every repro/ spec (
 	MPLBACKEND=agg $(BIN)/python -m kipnb.run --repro all --profile cpu -o $(REPRO_OUT) --keep-going
 	$(BIN)/python -m kipnb.repro readme
 
-repro-readme: $(STAMP)      ## rewrite README's generated result tables from results/
+repro-readme: $(STAMP)      ## results/ from the specs' current published figures, then README's tables
+	$(BIN)/python -m kipnb.repro refresh
 	$(BIN)/python -m kipnb.repro readme
 
 test: $(STAMP)              ## the whole suite, notebooks included

@@ -70,6 +70,7 @@ __all__ = [
     "lookup",
     "main",
     "readme_blocks",
+    "refresh_results",
     "render_markdown",
     "run_spec",
     "update_readme",
@@ -241,7 +242,8 @@ def _parse_row(path, i, d) -> Row:
         if not pub["verified"] and not pub.get("why"):
             raise _err(path, where, "an unverified published figure says 'why'")
         if pub["verified"] and not pub.get("where"):
-            raise _err(path, where, "a verified published figure says 'where' (table and row quoted)")
+            raise _err(path, where,
+                       "a verified published figure says 'where' (table and row quoted)")
         for key in ("why", "where"):
             if key in pub and not isinstance(pub[key], str):
                 raise _err(path, where, f"published {key!r} is a string")
@@ -508,6 +510,39 @@ def run_spec(
     log(f"[kipnb.repro] wrote {json_path} and {results_dir / (spec.name + '.md')}", flush=True)
     if failures:
         raise RuntimeError("; ".join(failures))
+    return doc
+
+
+def refresh_results(spec: Spec | str | os.PathLike,
+                    results_dir: str | os.PathLike = RESULTS_DIR) -> dict:
+    """Rewrite ``results/SPEC.{json,md}`` from the spec's current text, running nothing.
+
+    Each row keeps its measured result while its experiment (notebook or script,
+    parameters, metric, seeds) is unchanged, and takes the spec's current published
+    figure, hardware, estimate and note (after a figure was checked in its paper, say);
+    a row whose experiment changed becomes *not yet run*.
+
+    Returns:
+        The rewritten document.
+
+    Example:
+        >>> refresh_results("ls_fashion")  # doctest: +SKIP
+    """
+    if not isinstance(spec, Spec):
+        spec = load_spec(find_spec(spec))
+    json_path = Path(results_dir) / f"{spec.name}.json"
+    old = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    previous = {r["name"]: r for r in old.get("rows", [])}
+    doc = {**old, "spec": spec.name, "title": spec.title, "description": spec.description,
+           "rows": [_refreshed(r, previous.get(r.name)) for r in spec.rows]}
+    doc.pop("pivot", None)
+    if spec.pivot:
+        doc["pivot"] = spec.pivot
+    from kipnb.results import write_json
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(json_path, doc)
+    (json_path.parent / f"{spec.name}.md").write_text(render_markdown(doc) + "\n")
     return doc
 
 
@@ -896,6 +931,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rd.add_argument("--check", action="store_true", help="only compare; exit 1 on a difference")
     rd.add_argument("--readme", default=str(ROOT / "README.md"))
     rd.add_argument("--results", default=str(RESULTS_DIR))
+    rf = sub.add_parser("refresh", help="rewrite results/SPEC.* from the specs' current "
+                                        "published figures and notes (runs nothing)")
+    rf.add_argument("spec", nargs="*", help="spec names (default: every spec with results)")
+    rf.add_argument("--results", default=str(RESULTS_DIR))
     sub.add_parser("list", help="the specs and their rows")
     a = ap.parse_args(argv)
     try:
@@ -906,6 +945,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if stale:
                 print(("differs from results/: " if a.check else "rewrote: ") + ", ".join(stale))
             return 1 if (a.check and stale) else 0
+        if a.cmd == "refresh":
+            names = a.spec or sorted(p.stem for p in SPEC_DIR.glob("*.yaml")
+                                     if (Path(a.results) / f"{p.stem}.json").is_file())
+            for name in names:
+                refresh_results(name, a.results)
+                print(f"refreshed {Path(a.results) / name}.json")
+            return 0
         for p in sorted(SPEC_DIR.glob("*.yaml")):
             s = load_spec(p)
             print(f"{s.name}: {s.title}")

@@ -211,6 +211,16 @@ def test_run_reuses_and_resumes(fake, tmp_path):
     rows = {r["name"]: r for r in doc["rows"]}
     assert rows["a"]["mean"] == pytest.approx(205.0) and rows["b"]["mean"] == pytest.approx(50.0)
 
+    # refresh: the spec's new published figure reaches results/ without running anything
+    spec.rows[0].published = {**spec.rows[0].published, "value": 200.0}
+    spec.rows[1].metric = "value"  # another experiment: its old result no longer stands
+    doc = repro.refresh_results(spec, res_dir)
+    assert counter.read_text() == "xxxxx"
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert rows["a"]["mean"] == pytest.approx(205.0) and rows["a"]["gap"] == pytest.approx(5.0)
+    assert rows["a"]["published"]["value"] == 200.0 and rows["b"]["status"] == "not yet run"
+    assert "| a | **205.0** ± 7.1 | 200.0 (P, T1, N) | 5.0 |" in (res_dir / "fake.md").read_text()
+
 
 def test_failed_notebook_is_reported(fake, tmp_path):
     spec_path, nb_dir, _ = fake
