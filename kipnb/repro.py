@@ -614,9 +614,10 @@ def metric_conditions(metric: str) -> dict:
     return out
 
 
-def _ours(r) -> str:
+def _ours(r, bold: bool = True) -> str:
     if r["status"] in ("ok", "reused") and r["mean"] is not None:
-        return f"**{_fmt(r['mean'])}**" + (f" ± {_fmt(r['std'])}" if r["std"] else "")
+        mean = f"**{_fmt(r['mean'])}**" if bold else _fmt(r["mean"])
+        return mean + (f" ± {_fmt(r['std'])}" if r["std"] else "")
     return r["status"]
 
 
@@ -643,7 +644,8 @@ def _render_pivot(doc: Mapping) -> tuple[list[str], list]:
              "|" + "---|" * (len(keys) + len(columns))]
     for rk in order:
         lines.append("| " + " | ".join([*(str(k) for k in rk),
-                                        *(_ours(cells[rk, ck]) if (rk, ck) in cells else "–"
+                                        *(_ours(cells[rk, ck], bold=False)
+                                          if (rk, ck) in cells else "–"
                                           for ck in columns)]) + " |")
     runs = [r for r in cells.values() if r.get("environment")]
     if runs:
