@@ -269,6 +269,15 @@ def find_spec(name: str | os.PathLike, spec_dir: Path = SPEC_DIR) -> Path:
     raise SpecError(f"No spec {str(name)!r}: give a path or one of {names}.")
 
 
+def _conditions(conds: str) -> dict:
+    """``"k=v,k2=v2"`` (the inside of a ``name[...]`` selection) as a dict, values as YAML."""
+    out = {}
+    for cond in conds.split(","):
+        key, _, value = cond.partition("=")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def lookup(results: Mapping, path: str):
     """The value at ``path`` in ``results``: keys by dots, ``name[k=v,...]`` picks one element.
 
@@ -280,10 +289,7 @@ def lookup(results: Mapping, path: str):
     for seg in path.split("."):
         m = _SELECT.match(seg)
         if m:
-            want = {}
-            for cond in m["conds"].split(","):
-                key, _, value = cond.partition("=")
-                want[key.strip()] = yaml.safe_load(value)
+            want = _conditions(m["conds"])
             items = node[m["name"]]
             hits = [it for it in items
                     if isinstance(it, dict) and all(it.get(k) == v for k, v in want.items())]
@@ -502,11 +508,7 @@ def run_spec(
     }
     if spec.pivot:
         doc["pivot"] = spec.pivot
-    from kipnb.results import write_json
-
-    results_dir.mkdir(parents=True, exist_ok=True)
-    write_json(json_path, doc)
-    (results_dir / f"{spec.name}.md").write_text(render_markdown(doc) + "\n")
+    _write_results(doc, json_path)
     log(f"[kipnb.repro] wrote {json_path} and {results_dir / (spec.name + '.md')}", flush=True)
     if failures:
         raise RuntimeError("; ".join(failures))
@@ -538,12 +540,17 @@ def refresh_results(spec: Spec | str | os.PathLike,
     doc.pop("pivot", None)
     if spec.pivot:
         doc["pivot"] = spec.pivot
+    _write_results(doc, json_path)
+    return doc
+
+
+def _write_results(doc: Mapping, json_path: Path) -> None:
+    """``results/SPEC.json`` and its table ``results/SPEC.md``."""
     from kipnb.results import write_json
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(json_path, doc)
-    (json_path.parent / f"{spec.name}.md").write_text(render_markdown(doc) + "\n")
-    return doc
+    json_path.with_suffix(".md").write_text(render_markdown(doc) + "\n")
 
 
 def _refreshed(row: Row, old: dict | None) -> dict:
@@ -608,9 +615,7 @@ def metric_conditions(metric: str) -> dict:
     for seg in metric.split("."):
         m = _SELECT.match(seg)
         if m:
-            for cond in m["conds"].split(","):
-                key, _, value = cond.partition("=")
-                out[key.strip()] = yaml.safe_load(value)
+            out.update(_conditions(m["conds"]))
     return out
 
 
@@ -725,12 +730,7 @@ def update_readme(readme: str | os.PathLike = ROOT / "README.md",
         if not path.is_file():
             raise SpecError(f"{readme} shows repro:{m['name']} but {path} does not exist; "
                             f"run python -m kipnb.run --repro {m['name']}.")
-        doc = json.loads(path.read_text())
-        spec_path = SPEC_DIR / f"{m['name']}.yaml"
-        if "pivot" not in doc and spec_path.is_file():  # results written before the spec had one
-            pivot = load_spec(spec_path).pivot
-            doc = {**doc, "pivot": pivot} if pivot else doc
-        body = render_markdown(doc) + "\n"
+        body = render_markdown(json.loads(path.read_text())) + "\n"
         if body != m["body"]:
             stale.append(m["name"])
         return m.group(1) + body + m.group(4)
@@ -793,23 +793,19 @@ def load_sets(directories: Sequence[str | os.PathLike] | str | os.PathLike,
             ipc = (ds.source or {}).get("ipc") or len(ds.images) // ds.num_classes
             found.append({"label": set_label(ds, path), "ipc": int(ipc), "path": str(path),
                           "set": ds, "where": path.parent.relative_to(root).as_posix()})
-    def clash(key):
-        counts = {}
-        for f in found:
-            counts[key(f)] = counts.get(key(f), 0) + 1
-        return lambda f: counts[key(f)] > 1
-
     # A label two files share gets the notebook's directory name, without the repro
     # runner's -PARAMETERSHASH suffix (stable across parameter changes); if that still
     # clashes (one notebook run with two parameter sets), the whole relative directory.
-    shared = clash(lambda f: (f["label"], f["ipc"]))
+    from collections import Counter
+
+    shared = Counter((f["label"], f["ipc"]) for f in found)
     for f in found:
-        f["short"] = _RUN_HASH.sub("", Path(f["where"]).name) if shared(f) else None
-    still = clash(lambda f: (f["label"], f["ipc"], f["short"]))
+        f["short"] = _RUN_HASH.sub("", Path(f["where"]).name)
+    still = Counter((f["label"], f["ipc"], f["short"]) for f in found)
     for f in found:
         where, short = f.pop("where"), f.pop("short")
-        if short is not None:
-            f["label"] = f"{f['label']} ({where if still({**f, 'short': short}) else short})"
+        if shared[f["label"], f["ipc"]] > 1:
+            f["label"] += f" ({where if still[f['label'], f['ipc'], short] > 1 else short})"
     found.sort(key=lambda f: (f["label"], f["ipc"]))
     return found, skipped
 

@@ -3,9 +3,7 @@
 neural-tangents 0.6.5 does not import on the JAX kipnb uses, so this script runs in a
 separate, pinned environment (Python 3.11)::
 
-    python3 -m venv build/ntenv
-    build/ntenv/bin/pip install jax==0.4.30 jaxlib==0.4.30 neural-tangents==0.6.5 \
-        tf2jax==0.3.6 "tensorflow-cpu==2.17.*" "numpy<2"
+    make ntenv                                  # the pinned environment, in build/ntenv
     build/ntenv/bin/python scripts/make_nt_fixtures.py      # -> tests/fixtures/nt_reference.npz
 
 It needs nothing from kipnb. For every case it stores, in float64:
