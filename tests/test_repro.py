@@ -334,7 +334,7 @@ def test_load_sets_judge_all_and_table(tmp_path):
     assert repro.lookup({"r": [{"set": "ls_fc (02_ls)", "ipc": 1, "v": 3}]},
                         "r[set=ls_fc (02_ls),ipc=1].v") == 3  # spec metric paths can name it
     assert [Path(s["path"]).name for s in skipped] == ["not_a_set.npz"]
-    assert "meta" in skipped[0]["why"] or skipped[0]["why"]
+    assert "not a valid DistilledSet file" in skipped[0]["why"] and "meta" in skipped[0]["why"]
     with pytest.raises(FileNotFoundError, match="no such directory"):
         repro.load_sets(tmp_path / "nope")
     evs = [e for e in repro.default_evaluators(n_test=200) if e["name"] == "krr_fc"]
