@@ -11,7 +11,11 @@
 A **spec** (``repro/NAME.yaml``) is one published table. Its rows each name
 
 * ``notebook`` (``02_label_solve``) and its papermill ``parameters``, or a ``script``
-  (a command list; ``{out}`` is replaced by the JSON file it must write);
+  (a command list; ``{out}`` is replaced by the JSON file it must write); in a parameter
+  value (a string or a list of strings) ``{repro_out}`` is replaced by the absolute
+  output directory of the suite (``-o``, default ``build/repro``), so a row can read what
+  other specs' rows saved there (the cross-method table's ``SETS_DIRS``); the stamp keeps
+  the placeholder, so moving the output directory does not change a run's hash;
 * ``metric``: a key path into the row's ``results.json`` (dots; ``name[key=value]``
   picks one list element, as in ``.ci/floors.yaml``), and ``scale`` (100: fractions as %);
 * ``seeds``: each seed is one run with the parameter ``seed_parameter`` (default
@@ -359,6 +363,32 @@ def _summary(values: list[float]) -> tuple[float | None, float | None]:
     return mean, std
 
 
+def expand_repro_out(params: dict, output: str | os.PathLike) -> dict:
+    """Replace ``{repro_out}`` in string (and list-of-string) parameter values.
+
+    Args:
+      params: papermill parameters of one run.
+      output: the suite's output directory (``-o``), made absolute.
+
+    Returns:
+      A new dict with ``{repro_out}`` replaced by ``output``'s absolute path.
+
+    Example:
+      >>> expand_repro_out({"SETS_DIRS": ["{repro_out}/tm"], "N": 3}, "/tmp/r")
+      {'SETS_DIRS': ['/tmp/r/tm'], 'N': 3}
+    """
+    root = str(Path(output).resolve())
+
+    def sub(v):
+        if isinstance(v, str):
+            return v.replace("{repro_out}", root)
+        if isinstance(v, list):
+            return [sub(x) for x in v]
+        return v
+
+    return {k: sub(v) for k, v in params.items()}
+
+
 def _run_one(row: Row, seed, out_dir: Path, notebook_dir: Path | None, log,
              execution_timeout, failed: dict | None = None) -> tuple[dict, float, bool]:
     """Run (or reuse) one seed of a row; returns (results, seconds, reused).
@@ -378,6 +408,7 @@ def _run_one(row: Row, seed, out_dir: Path, notebook_dir: Path | None, log,
     else:
         target = ROOT / next(a for a in row.script if a.endswith(".py"))
     stamp = _stamp(row, params, target)
+    params = expand_repro_out(params, Path(out_dir).parent)
     # One directory per (notebook or script, parameters): rows that read other metrics of
     # the same run share it, and a rerun with the same parameters finds it.
     out_dir = Path(out_dir) / f"{Path(target).stem}-{stamp['parameters_hash']}"

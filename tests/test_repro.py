@@ -347,3 +347,22 @@ def test_load_sets_judge_all_and_table(tmp_path):
     assert f"| 1 | {top['set']} | **{100 * top['mean']:.1f}** |" in table
     assert table.count("**") == 2 * 5  # the best cell per ipc (a tie at 1: the four copies)
     assert len(table.splitlines()) == 2 + 6
+
+
+def test_repro_out_placeholder_follows_the_output_directory(tmp_path):
+    """{repro_out} in parameters becomes the suite's -o directory: the cross-method spec
+    finds the other specs' sets wherever the suite writes (it once pointed at build/repro
+    only, and failed under -o elsewhere)."""
+    import doctest
+
+    spec = repro.load_spec(ROOT / "repro" / "xmethod_fashion.yaml")
+    dirs = spec.rows[0].parameters["SETS_DIRS"]
+    assert dirs and all(d.startswith("{repro_out}/") for d in dirs), dirs
+    params = repro.expand_repro_out(spec.rows[0].parameters, tmp_path / "out")
+    assert params["SETS_DIRS"] == [str((tmp_path / "out").resolve() / d.split("/", 1)[1])
+                                   for d in dirs]
+    assert params["IPCS"] == spec.rows[0].parameters["IPCS"]  # other values untouched
+    assert spec.rows[0].parameters["SETS_DIRS"] == dirs  # the spec itself keeps the placeholder
+    (test,) = doctest.DocTestFinder().find(repro.expand_repro_out, "expand_repro_out",
+                                           globs={"expand_repro_out": repro.expand_repro_out})
+    assert doctest.DocTestRunner().run(test).failed == 0
