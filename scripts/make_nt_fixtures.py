@@ -28,6 +28,16 @@ learning rate 0.04, labels fixed), float64, at small sizes: ``x_pool``/``y_pool`
 targets), ``batches`` (per step, the pool rows of its target batch), ``x_init``,
 ``y_init`` (the support set), ``losses`` (the loss of every step) and ``x_final``.
 ``tests/test_kip.py`` runs the same code with ``from kipnb import stax``.
+
+And ``tests/fixtures/nt_nn_training.npz``: the learning-rate cell of Google Research's
+``kip/nn_training.ipynb`` at small sizes (its ConvNet with a prepended conv layer,
+standard parameterization, ``nt.batch`` over ``nt.empirical_ntk_fn(logit_reduced_f,
+trace_axes=(), vmap_axes=0, implementation=1)`` with ``batch_size``, then
+``nt.predict.max_learning_rate``, whose CPU branch fails on current SciPy, so its
+accelerator branch is used): ``x``, ``params/<i>`` (the network's parameter leaves
+from neural-tangents' ``init_fn``, in ``tree_leaves`` order), ``kernel`` and ``max_lr``;
+``ntk_full`` (the un-reduced ``(N, N, 10, 10)`` NTK, ``trace_axes=()``) with ``max_lr_full``
+(``y_train_size`` inferred) and ``max_lr_momentum`` (``momentum=0.9``).
 """
 
 from __future__ import annotations
@@ -226,19 +236,59 @@ def kip_fixture(out: Path, versions: dict) -> None:
           f"{losses[-1]:.6g}")
 
 
+# The nn_training.ipynb learning-rate cell of tests/test_stax.py (the test reads it back).
+NN_TRAINING = {"n": 12, "image": (8, 8, 3), "width": 8, "depth": 2, "batch_size": 4,
+               "seed": 20240603}
+
+
+def nn_training_fixture(out: Path, versions: dict) -> None:
+    run = NN_TRAINING
+    x = np.random.default_rng(run["seed"]).standard_normal((run["n"], *run["image"]))
+    import colab_nn_training  # beside this script; shared with tests/test_stax.py
+
+    init_fn, f, _ = colab_nn_training.convnet(stax, run["width"], run["depth"])
+    _, params = init_fn(jax.random.PRNGKey(0), (-1, *run["image"]))
+    # On CPU neural-tangents 0.6.5 calls scipy.linalg.eigvalsh(..., eigvals=...), a keyword
+    # SciPy 1.14 removed (TypeError); its accelerator branch, jnp.linalg.eigvalsh, is the
+    # same formula, so that is the one used here.
+    import neural_tangents._src.predict as nt_predict
+
+    nt_predict._is_on_cpu = lambda x: False
+    kernel, max_lr = colab_nn_training.max_lr_estimate(nt, f, params, x, run["batch_size"])
+    ntk_full = nt.empirical_ntk_fn(f, trace_axes=())(x, None, params)
+    leaves = jax.tree_util.tree_leaves(params)
+    np.savez_compressed(
+        out, x=x, kernel=np.asarray(kernel), max_lr=np.asarray(max_lr),
+        ntk_full=np.asarray(ntk_full),
+        max_lr_full=np.asarray(nt.predict.max_learning_rate(ntk_full)),
+        max_lr_momentum=np.asarray(nt.predict.max_learning_rate(
+            ntk_full, y_train_size=run["n"] * 10, momentum=0.9)),
+        **{f"params/{i}": np.asarray(v) for i, v in enumerate(leaves)},
+        run=np.array(json.dumps(run)), versions=np.array(json.dumps(versions)))
+    print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB), kernel {kernel.shape}, "
+          f"max_lr {float(max_lr):.6g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1]
                                          / "tests" / "fixtures" / "nt_reference.npz"))
     ap.add_argument("--kip-out", default=str(Path(__file__).resolve().parents[1]
                                              / "tests" / "fixtures" / "nt_kip_fc1.npz"))
+    ap.add_argument("--nn-training-out", default=str(
+        Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "nt_nn_training.npz"))
     ap.add_argument("--only-kip", action="store_true",
                     help="write only the KIP trajectory fixture")
+    ap.add_argument("--only-nn-training", action="store_true",
+                    help="write only the nn_training.ipynb learning-rate fixture")
     args = ap.parse_args()
-    if args.only_kip:
+    if args.only_kip or args.only_nn_training:
         versions = {"neural_tangents": nt.__version__, "jax": jax.__version__,
                     "numpy": np.__version__, "python": platform.python_version()}
-        kip_fixture(Path(args.kip_out), versions)
+        if args.only_kip:
+            kip_fixture(Path(args.kip_out), versions)
+        if args.only_nn_training:
+            nn_training_fixture(Path(args.nn_training_out), versions)
         return
     rng = np.random.default_rng(20240601)
     arrays: dict[str, np.ndarray] = {}
@@ -271,6 +321,7 @@ def main() -> None:
     np.savez_compressed(out, **arrays)
     print(f"wrote {out} ({out.stat().st_size / 1024:.1f} KiB), {versions}")
     kip_fixture(Path(args.kip_out), versions)
+    nn_training_fixture(Path(args.nn_training_out), versions)
 
 
 if __name__ == "__main__":

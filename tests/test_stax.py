@@ -656,6 +656,61 @@ def test_nn_training_notebook_stax_names_exist():
     assert k.shape == (2, 2) and bool(jnp.all(jnp.isfinite(k)))
 
 
+def test_nn_training_max_lr_cell_matches_neural_tangents():
+    """The colab's learning-rate cell (nt.batch over nt.empirical_ntk_fn, then
+    nt.predict.max_learning_rate), run with kipnb.stax in place of neural-tangents on
+    neural-tangents' own parameters, gives its kernel and learning rate."""
+    import importlib.util
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "colab_nn_training", root / "scripts" / "colab_nn_training.py")
+    colab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(colab)
+    ref = np.load(Path(__file__).parent / "fixtures" / "nt_nn_training.npz")
+    run = json.loads(str(ref["run"]))
+    init_fn, f, _ = colab.convnet(stax, run["width"], run["depth"])
+    _, mine = init_fn(jax.random.PRNGKey(0), (-1, *run["image"]))
+    leaves, tree = jax.tree_util.tree_flatten(mine)
+    theirs = [ref[f"params/{i}"] for i in range(len(leaves))]
+    assert [v.shape for v in theirs] == [v.shape for v in leaves]  # same parameter layout
+    with jax.enable_x64(True):
+        params = tree.unflatten([jnp.asarray(v) for v in theirs])
+        x = jnp.asarray(ref["x"])
+        kernel, max_lr = colab.max_lr_estimate(stax, f, params, x, run["batch_size"])
+        assert kernel.shape == (run["n"], run["n"]) and kernel.dtype == jnp.float64
+        assert rel_err(kernel, ref["kernel"]) < 1e-10
+        assert abs(max_lr / float(ref["max_lr"]) - 1) < 1e-10
+        full = stax.empirical_ntk_fn(f, trace_axes=())(x, None, params)  # (N, N, 10, 10)
+        assert rel_err(full, ref["ntk_full"]) < 1e-10
+        assert abs(stax.predict.max_learning_rate(full) / float(ref["max_lr_full"]) - 1) < 1e-10
+        lr_m = stax.max_learning_rate(full, y_train_size=run["n"] * 10, momentum=0.9)
+        assert abs(lr_m / float(ref["max_lr_momentum"]) - 1) < 1e-10
+    with pytest.raises(ValueError, match="expected a train-train kernel"):
+        stax.max_learning_rate(np.ones((3, 4)))
+    with pytest.raises(ValueError, match="not finite"):
+        stax.max_learning_rate(np.full((2, 2), np.nan))
+
+
+def test_batch_passes_extra_arguments_and_pytrees():
+    """batch() hands params (empirical kernels) and get through to every block and
+    assembles pytree outputs; a block that is not (N1, N2, ...) is a clear error."""
+    init_fn, apply_fn, kernel_fn = _tiny_net()
+    _, params = init_fn(jax.random.PRNGKey(1), X_VEC.shape)
+    ntk_fn = stax.empirical_kernel_fn(apply_fn)
+    whole = ntk_fn(X_VEC, Y_VEC, ("nngp", "ntk"), params)
+    blocked = stax.batch(ntk_fn, 2)(X_VEC, Y_VEC, ("nngp", "ntk"), params)
+    assert blocked._fields == ("nngp", "ntk")
+    for a, b in zip(blocked, whole, strict=True):
+        assert a.shape == b.shape == (5, 4)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    k = stax.batch(kernel_fn, 2)(X_VEC, None, get="nngp")  # get as a keyword
+    np.testing.assert_allclose(k, kernel_fn(X_VEC, None, "nngp"), rtol=1e-5)
+    with pytest.raises(ValueError, match="must start with the two inputs' row axes"):
+        stax.batch(lambda a, b: jnp.sum(a) * jnp.ones(3), 2)(X_VEC, Y_VEC)
+
+
 # --------------------------------------------------------------------------- empirical kernels
 
 

@@ -30,7 +30,8 @@ dimensions), ``Relu`` (and ``ABRelu``, ``LeakyRelu``, ``Abs``), ``Erf``, ``AvgPo
 or over the image, as neural-tangents) and ``batch``; finite-network kernels
 ``empirical_nngp_fn``, ``empirical_ntk_fn``, ``empirical_kernel_fn`` and
 ``monte_carlo_kernel_fn`` (in neural-tangents at the package's top level,
-``nt.monte_carlo_kernel_fn``). Argument names and defaults are those of neural-tangents
+``nt.monte_carlo_kernel_fn``), and ``predict.max_learning_rate``
+(``nt.predict.max_learning_rate``). Argument names and defaults are those of neural-tangents
 0.6.5; ``W_std``, ``b_std``, ``parameterization='ntk' | 'standard'`` and ``s`` enter the
 kernels by neural-tangents' formulas (its values are the test fixtures, see
 ``scripts/make_nt_fixtures.py``). Inputs are ``(N, D)`` for dense networks and
@@ -165,7 +166,9 @@ __all__ = [
     "empirical_kernel_fn",
     "empirical_nngp_fn",
     "empirical_ntk_fn",
+    "max_learning_rate",
     "monte_carlo_kernel_fn",
+    "predict",
     "serial",
 ]
 
@@ -1952,15 +1955,38 @@ def batch(kernel_fn: Callable, batch_size: int = 0, device_count: int = -1,
           store_on_device: bool = True) -> Callable:
     """Block-wise ``kernel_fn`` (``neural_tangents.batch``): bounded memory, same values.
 
-    The returned ``kernel_fn(x1, x2=None, get=None)`` splits ``x1`` and ``x2`` into blocks
-    of at most ``batch_size`` rows (the last block is padded by repeating the last row and
-    the padding is dropped), evaluates ``kernel_fn`` on every pair of blocks with
-    ``jax.lax.map`` (one compiled block, rematerialised under ``jax.grad``) and assembles
-    the ``(N1, N2, ...)`` result. ``x2=None`` computes ``x1`` against itself. Unlike
+    The returned ``blocked(x1, x2=None, *args, **kwargs)`` splits ``x1`` and ``x2`` into
+    blocks of at most ``batch_size`` rows (the last block is padded by repeating the last
+    row and the padding is dropped), evaluates ``kernel_fn(a, b, *args, **kwargs)`` on
+    every pair of blocks with ``jax.lax.map`` (one compiled block, rematerialised under
+    ``jax.grad``) and assembles every leaf of the result (an array, or a pytree such as
+    the ``Kernel`` namedtuple) into its ``(N1, N2, ...)`` whole. ``x2=None`` computes
+    ``x1`` against itself. The extra arguments go unchanged to every block: ``get`` for
+    the kernels of :func:`serial`, the network's ``params`` for
+    :func:`empirical_ntk_fn` and its siblings (``nt.batch(empirical_kernel_fn, 10)(x,
+    None, params)``, as in Google Research's ``kip/nn_training.ipynb``). Unlike
     neural-tangents, ``N1`` and ``N2`` need not be multiples of ``batch_size``.
     ``batch_size=0`` returns ``kernel_fn`` unchanged (as in neural-tangents);
     ``device_count`` and ``store_on_device`` are accepted for compatibility and have no
     effect (the blocks run on JAX's default device).
+
+    Args:
+      kernel_fn: ``kernel_fn(x1, x2, *args, **kwargs)`` returning arrays (or a pytree of
+        them) whose first two axes are ``x1``'s and ``x2``'s rows.
+      batch_size: the most rows of ``x1`` and of ``x2`` per block; 0 for no blocks.
+      device_count: accepted for compatibility; no effect.
+      store_on_device: accepted for compatibility; no effect.
+
+    Returns:
+      ``blocked(x1, x2=None, *args, **kwargs)``, equal to ``kernel_fn``'s result.
+
+    Example:
+      >>> import numpy as np
+      >>> _, _, kernel_fn = serial(Dense(8), Relu(), Dense(1))
+      >>> x = np.linspace(-1.0, 1.0, 21, dtype=np.float32).reshape(7, 3)
+      >>> k = batch(kernel_fn, batch_size=3)(x, None, "ntk")
+      >>> k.shape, bool(np.allclose(k, kernel_fn(x, None, "ntk"), rtol=1e-6))
+      ((7, 7), True)
     """
     del device_count, store_on_device
     batch_size = int(batch_size)
@@ -1970,13 +1996,12 @@ def batch(kernel_fn: Callable, batch_size: int = 0, device_count: int = -1,
         raise ValueError(f"batch_size={batch_size} must be a positive number of rows "
                          f"(or 0 for no batching).")
 
-    def blocked(x1, x2=None, get=None):
-        fields, single = _canonical_get(get)
+    def blocked(x1, x2=None, *args, **kwargs):
         x1 = jnp.asarray(x1)
         x2 = x1 if x2 is None else jnp.asarray(x2)
         n1, n2 = x1.shape[0], x2.shape[0]
         if n1 <= batch_size and n2 <= batch_size:
-            return kernel_fn(x1, x2, get)
+            return kernel_fn(x1, x2, *args, **kwargs)
         b1, b2 = min(batch_size, n1), min(batch_size, n2)
 
         def blocks(x, bs):
@@ -1990,25 +2015,84 @@ def batch(kernel_fn: Callable, batch_size: int = 0, device_count: int = -1,
 
         @jax.checkpoint
         def one(a, b):
-            return tuple(kernel_fn(a, b, fields))
+            return kernel_fn(a, b, *args, **kwargs)
 
         def row(a):
             return lax.map(lambda b: one(a, b), xb2)
 
-        parts = lax.map(row, xb1)  # each (nb1, nb2, b1, b2, ...)
+        parts = lax.map(row, xb1)  # every leaf (nb1, nb2, b1, b2, ...)
 
         def assemble(p):
+            if jnp.ndim(p) < 4 or p.shape[2:4] != (b1, b2):
+                raise ValueError(
+                    f"batch: kernel_fn returned a block of shape {jnp.shape(p)[2:]} for "
+                    f"{b1} x {b2} inputs; every output must start with the two inputs' "
+                    f"row axes (N1, N2, ...) to be assembled from blocks.")
             p = jnp.swapaxes(p, 1, 2)
             p = p.reshape(p.shape[0] * p.shape[1], p.shape[2] * p.shape[3], *p.shape[4:])
             return p[:n1, :n2]
 
-        out = [assemble(p) for p in parts]
-        if single:
-            return out[0]
-        return _kernel_type(fields)(*out)
+        return jax.tree_util.tree_map(assemble, parts)
 
     return blocked
 
+
+def max_learning_rate(ntk_train_train, y_train_size: int | None = None, momentum=0.0,
+                      eps: float = 1e-12) -> float:
+    r"""The largest stable learning rate of an MSE-trained network
+    (``nt.predict.max_learning_rate``).
+
+    For gradient descent on ``1 / (2 * y_train_size) * ||f(x) - y||**2`` the linearised
+    network contracts while ``eta < 2 * y_train_size / lambda_max(NTK)``; with momentum
+    ``m`` the bound is ``2 * (1 + m) * y_train_size / lambda_max`` (neural-tangents'
+    formula):
+
+    .. math:: \eta_{max} = rac{2 (1 + m)\, n_y}{\lambda_{max}(\Theta) + \epsilon}
+
+    Args:
+      ntk_train_train: the (analytic or empirical) NTK of the training set, ``(N, N)``,
+        or ``(N, N, K, K)`` (``trace_axes=()``: flattened to ``(N*K, N*K)``).
+      y_train_size: the number of training targets, ``y_train.size``; ``None`` takes the
+        flattened kernel's size (right for ``trace_axes=()`` kernels).
+      momentum: the momentum of the optimizer.
+      eps: keeps the division finite for a zero kernel.
+
+    Returns:
+      The learning rate, a float. (neural-tangents 0.6.5's CPU branch fails on current
+      SciPy, ``eigvalsh(..., eigvals=...)``; this one runs on every backend.)
+
+    Example:
+      >>> import numpy as np
+      >>> round(max_learning_rate(np.diag([4.0, 1.0]), y_train_size=2), 9)  # 2 * 2 / 4
+      1.0
+    """
+    k = np.asarray(ntk_train_train, dtype=np.float64)
+    if k.ndim % 2 or k.ndim < 2 or k.shape[0::2] != k.shape[1::2]:
+        raise ValueError(f"max_learning_rate: ntk_train_train has shape {k.shape}; expected "
+                         f"a train-train kernel (N, N) or (N, N, K, K).")
+    half = k.ndim // 2
+    k = k.transpose(*range(0, k.ndim, 2), *range(1, k.ndim, 2))  # (N, K, N, K)
+    k = k.reshape(math.prod(k.shape[:half]), -1)
+    if not np.all(np.isfinite(k)):
+        raise ValueError("max_learning_rate: ntk_train_train is not finite (NaN or inf); "
+                         "check the network's parameters and inputs.")
+    factor = k.shape[0] if y_train_size is None else int(y_train_size)
+    lam = float(np.linalg.eigvalsh((k + k.T) / 2)[-1])
+    return float(2 * (1 + momentum) * factor / (lam + eps))
+
+
+class _Predict:
+    """``stax.predict``: what ``nt.predict`` code needs here (``max_learning_rate``)."""
+
+    max_learning_rate = staticmethod(max_learning_rate)
+
+    def __repr__(self):
+        return "<kipnb.stax.predict: max_learning_rate>"
+
+
+#: ``nt.predict``'s namespace, so that ``nt.predict.max_learning_rate(...)`` ports to
+#: ``stax.predict.max_learning_rate(...)`` (KRR predictions live in :mod:`kipnb.krr`).
+predict = _Predict()
 
 
 # --------------------------------------------------------------------------- empirical kernels
