@@ -25,6 +25,13 @@ CPUs) does not favour either library. Usage::
 
 (or set ``KIPNB_NT_PYTHON`` to that Python instead of passing ``--nt-python``).
 
+Ratios between two libraries on a shared, virtualised 2-core machine move by up to 2x
+from one run to the next. ``--rounds N`` runs kipnb, then neural-tangents and kipnb
+again, N times over, and reports for every row the ratio of each round (neural-tangents'
+run against the kipnb runs on either side of it) with their min and max
+(``*_rounds``, ``*_min``, ``*_max``, ``*_median_of_rounds`` in the JSON), beside the
+pooled ratio of all timed calls.
+
 The *colab* suite (``--suites colab``, on by default) times the settings of Google
 Research's ``kip/KIP.ipynb`` colab (FC-1 NTK with ``W_std = sqrt(2)``, ``b_std = 0.1``,
 ``KERNEL_FN = jax.jit(partial(kernel_fn, get='ntk'))``) in float32 and float64, on
@@ -368,6 +375,27 @@ def worker(args) -> None:
     np.savez(args.values, **values)
 
 
+def round_ratios(per_run: dict, suite: str, key) -> list[float]:
+    """One ratio (neural-tangents' median time / kipnb's) per interleaved round.
+
+    Round ``i`` pairs neural-tangents' ``i``-th run with the kipnb runs just before and
+    after it (their timed calls pooled), so a drift in machine speed during the round
+    affects both sides alike.
+    """
+    ratios = []
+    for i, nt_run in enumerate(per_run.get("nt", [])):
+        kipnb_times = per_run["kipnb"][i][suite][key] + per_run["kipnb"][i + 1][suite][key]
+        ratios.append(statistics.median(nt_run[suite][key]) / statistics.median(kipnb_times))
+    return ratios
+
+
+def add_rounds(row: dict, name: str, ratios: list[float]) -> None:
+    """Store the per-round ratios of ``row[name]`` and their min, median and max."""
+    row[f"{name}_rounds"] = ratios
+    row[f"{name}_min"], row[f"{name}_max"] = min(ratios), max(ratios)
+    row[f"{name}_median_of_rounds"] = statistics.median(ratios)
+
+
 def rel_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
     return diff, diff / float(np.max(np.abs(b)))
@@ -403,6 +431,9 @@ def main(argv=None) -> int:
                     help="comma-separated architectures of the throughput suite")
     ap.add_argument("--colab-calls", type=int, default=5,
                     help="timed calls of the FC-1 step and forward rows (after the first)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="interleaved rounds: kipnb, then (neural-tangents, kipnb) this many "
+                         "times; every ratio is also reported per round, with its spread")
     ap.add_argument("--worker", choices=("kipnb", "nt"), help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
@@ -414,6 +445,8 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         ap.error("--out is required")
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: need at least 1 round")
     if args.nt_python and not shutil.which(args.nt_python):
         ap.error(f"--nt-python {args.nt_python}: no such Python; build the pinned "
                  "neural-tangents environment with `make ntenv` (or leave --nt-python out "
@@ -425,16 +458,18 @@ def main(argv=None) -> int:
                 "suites": args.suites.split(","), "archs": args.archs.split(","),
                 "colab_support": 100, "colab_targets": 5000,
                 "colab_calls": args.colab_calls, "label_solve_targets": [10000, 60000],
+                "rounds": args.rounds,
                 "conv_support": 10, "conv_targets": 100, "myrtle_n1": 2, "myrtle_n2": 4}
     arrays = make_inputs(settings)
     results: dict = {}
+    per_run: dict[str, list[dict]] = {}  # each worker run's own timed calls, per case
     with tempfile.TemporaryDirectory() as tmp:
         inputs, sfile = Path(tmp, "inputs.npz"), Path(tmp, "settings.json")
         np.savez(inputs, **arrays)
         sfile.write_text(json.dumps(settings))
         runs = [("kipnb", sys.executable)]
         if args.nt_python:
-            runs += [("nt", args.nt_python), ("kipnb", sys.executable)]
+            runs += [("nt", args.nt_python), ("kipnb", sys.executable)] * args.rounds
         for run_index, (library, python) in enumerate(runs):
             print(f"measuring {library} with {python}", flush=True)
             result = Path(tmp, f"{library}{run_index}.json")
@@ -453,16 +488,22 @@ def main(argv=None) -> int:
                 return proc.returncode
             run = json.loads(result.read_text())
             run["values"] = dict(np.load(values))
+            per_run.setdefault(library, []).append({
+                "colab": {(r["case"], r["dtype"]): list(r["times_s"]) for r in run["colab_rows"]},
+                "rows": {(r["arch"], r["input"], r["mode"]): list(r["times_s"])
+                         for r in run["rows"]}})
             if library in results:  # second kipnb run: pool the timed calls per case
                 for old, new in zip(results[library]["colab_rows"], run["colab_rows"],
                                     strict=True):
                     old["times_s"] += new["times_s"]
                     old["timed_calls"] += new["timed_calls"]
                     old["median_s"] = statistics.median(old["times_s"])
-                    old["first_call_s_passes"] = [old["first_call_s"], new["first_call_s"]]
+                    old.setdefault("first_call_s_passes", [old["first_call_s"]])
+                    old["first_call_s_passes"].append(new["first_call_s"])
                     old["first_call_s"] = statistics.median(old["first_call_s_passes"])
                 for old, new in zip(results[library]["rows"], run["rows"], strict=True):
-                    old["passes_pairs_per_s"] = [old["pairs_per_s"], new["pairs_per_s"]]
+                    old.setdefault("passes_pairs_per_s", [old["pairs_per_s"]])
+                    old["passes_pairs_per_s"].append(new["pairs_per_s"])
                     old["times_s"] += new["times_s"]
                     old["timed_calls"] += new["timed_calls"]
                     old["median_s"] = statistics.median(old["times_s"])
@@ -484,6 +525,8 @@ def main(argv=None) -> int:
             row["nt"] = {k: nrow[k] for k in ("pairs_per_s", "median_s", "min_s",
                                               "first_call_s", "timed_calls")}
             row["ratio_kipnb_over_nt"] = krow["pairs_per_s"] / nrow["pairs_per_s"]
+            add_rounds(row, "ratio_kipnb_over_nt", round_ratios(
+                per_run, "rows", (krow["arch"], krow["input"], krow["mode"])))
             key = f"{krow['arch']}/{krow['input']}/{krow['mode']}"
             kv, nv = results["kipnb"]["values"], results["nt"]["values"]
             if krow["mode"] == "forward":
@@ -505,16 +548,23 @@ def main(argv=None) -> int:
             row["nt"] = {k: nrow[k] for k in ("median_s", "first_call_s", "timed_calls")}
             row["speedup_kipnb_over_nt"] = nrow["median_s"] / krow["median_s"]
             row["first_call_speedup_kipnb_over_nt"] = nrow["first_call_s"] / krow["first_call_s"]
+            add_rounds(row, "speedup_kipnb_over_nt",
+                       round_ratios(per_run, "colab", (krow["case"], krow["dtype"])))
         colab_rows.append(row)
+    spread = args.rounds > 1 and "nt" in results
     if colab_rows:
         print(f"\n{'colab setting':36s} {'dtype':8s} {'kipnb s':>9s} {'nt s':>9s} "
-              f"{'nt/kipnb':>8s} {'1st kipnb':>9s} {'1st nt':>7s} {'nt/kipnb':>8s}")
+              f"{'nt/kipnb':>8s} {'1st kipnb':>9s} {'1st nt':>7s} {'nt/kipnb':>8s}"
+              + (f" {'rounds (min-max)':>17s}" if spread else ""))
         for row in colab_rows:
             line = f"{row['case']:36s} {row['dtype']:8s} {row['kipnb']['median_s']:9.3f}"
             if "nt" in row:
                 line += (f" {row['nt']['median_s']:9.3f} {row['speedup_kipnb_over_nt']:8.2f}"
                          f" {row['kipnb']['first_call_s']:9.2f} {row['nt']['first_call_s']:7.2f}"
                          f" {row['first_call_speedup_kipnb_over_nt']:8.2f}")
+                if spread:
+                    line += (f" {row['speedup_kipnb_over_nt_min']:8.2f}-"
+                             f"{row['speedup_kipnb_over_nt_max']:<8.2f}")
             print(line)
 
     header = f"{'arch':9s} {'input':8s} {'mode':12s} {'n1xn2':>7s} {'kipnb pairs/s':>14s}"
@@ -528,6 +578,9 @@ def main(argv=None) -> int:
             diff = max(row["max_rel_diff"], row.get("grad_max_rel_diff", 0.0))
             line += (f" {row['nt']['pairs_per_s']:11.2f} {row['ratio_kipnb_over_nt']:9.1f}"
                      f" {diff:12.2e}")
+            if spread:
+                line += (f" {row['ratio_kipnb_over_nt_min']:6.1f}-"
+                         f"{row['ratio_kipnb_over_nt_max']:<6.1f}")
         print(line)
 
     report = {

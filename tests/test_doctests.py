@@ -9,7 +9,7 @@ import importlib
 import pytest
 
 MODULES = ["checks", "distilled", "preprocess", "data", "archs", "stax", "krr", "label_solve", "kip",
-           "rfad", "frepo", "experts", "augment", "train", "loop", "evaluate"]
+           "rfad", "frepo", "experts", "augment", "train", "loop", "evaluate", "nets", "checkpoint"]
 
 
 @pytest.mark.parametrize("name", MODULES)

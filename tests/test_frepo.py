@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kipnb import evaluate, frepo, kip
+from kipnb import checkpoint, evaluate, frepo, kip
 from kipnb.checkpoint import CheckpointError
 from kipnb.distilled import DistilledSet
 
@@ -69,6 +69,21 @@ def test_exact_resume_and_save_load(full, digits, tmp_path):
     with pytest.raises(CheckpointError, match="belongs to another FRePo run"):
         frepo.run(dataclasses.replace(TINY, pool_size=2), digits, checkpoint_dir=tmp_path,
                   progress=False)
+
+
+def test_width_growth_is_frepo_own_conv_and_keeps_old_checkpoints_resumable(digits, tmp_path):
+    assert frepo.PARAMETER_SETS["paper"].net().block_widths() == (128, 256, 512)
+    # At its default, the field added later is not in the saved config: a checkpoint
+    # written before it existed belongs to the same run.
+    assert "width_growth" not in checkpoint.resumable_config(TINY)
+    short = dataclasses.replace(TINY, steps=6, eval_every=0)
+    grown = dataclasses.replace(short, width_growth=2)
+    assert checkpoint.resumable_config(grown)["width_growth"] == 2
+    res = frepo.run(grown, digits, checkpoint_dir=tmp_path, progress=False)
+    assert np.isfinite(res.history["loss"]).all()
+    assert res.distilled.source["config"]["width_growth"] == 2
+    with pytest.raises(CheckpointError, match=r"width_growth: 2 in the checkpoint, None now"):
+        frepo.run(short, digits, checkpoint_dir=tmp_path, progress=False)
 
 
 def test_nan_stops_with_a_message(digits):

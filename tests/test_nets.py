@@ -54,6 +54,25 @@ def test_mtt_mnist_padding_gives_4x4_features():
     assert nets.ConvNet().feature_shape((28, 28, 1)) == (3, 3, 128)
 
 
+def test_frepo_width_growth_doubles_the_channels_per_block():
+    # FRePo's Conv (yongchao97/FRePo lib/models/networks.py): 128 / 256 / 512 channels,
+    # first conv padded by 3 on 1-channel images, features 4 x 4 x 512 = 8192.
+    net = nets.ConvNet(width=128, depth=3, norm="none", first_padding=3, width_growth=2)
+    assert net.block_widths() == (128, 256, 512)
+    params = net.init(jax.random.PRNGKey(0), (28, 28, 1))
+    shapes = [params[f"block{d}"]["conv"]["w"].shape for d in range(3)]
+    assert shapes == [(3, 3, 1, 128), (3, 3, 128, 256), (3, 3, 256, 512)]
+    assert params["head"]["w"].shape == (8192, 10)
+    expected = (9 * 1 * 128 + 128) + (9 * 128 * 256 + 256) + (9 * 256 * 512 + 512) + 8192 * 10 + 10
+    assert nets.count_params(params) == expected
+    small = nets.ConvNet(width=4, depth=2, width_growth=3)  # instance norm sized per block
+    p = small.init(jax.random.PRNGKey(1), (8, 8, 1))
+    assert p["block1"]["norm"]["scale"].shape == (12,)
+    assert small.features(p, jnp.ones((2, 8, 8, 1))).shape == (2, 2 * 2 * 12)
+    with pytest.raises(ValueError, match="width_growth"):
+        nets.ConvNet(width_growth=0)
+
+
 def test_mlp_counts_and_shapes():
     net = nets.MLP()  # MTT's: 2 hidden layers of 128
     params = net.init(jax.random.PRNGKey(0), (32, 32, 3))

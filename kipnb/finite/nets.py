@@ -202,6 +202,15 @@ class ConvNet:
       num_classes: outputs of the final Dense layer.
       first_padding: zero padding of the first conv (1 = SAME; MTT uses 3 for
         1-channel 28x28 images, turning them into 32x32 feature maps).
+      width_growth: block ``d`` has ``width * width_growth**d`` channels (1: MTT's
+        constant width; 2: FRePo's ``Conv``, 128 / 256 / 512 channels at depth 3).
+
+    Example:
+        >>> net = ConvNet(width=4, depth=3, norm="none", first_padding=3, width_growth=2)
+        >>> net.block_widths()
+        (4, 8, 16)
+        >>> net.feature_shape((28, 28, 1))
+        (4, 4, 16)
     """
 
     width: int = 128
@@ -209,14 +218,20 @@ class ConvNet:
     norm: str = "instancenorm"
     num_classes: int = 10
     first_padding: int = 1
+    width_growth: int = 1
 
     def __post_init__(self):
         _check_positive_int("width", self.width)
         _check_positive_int("depth", self.depth)
         _check_positive_int("num_classes", self.num_classes)
         _check_positive_int("first_padding", self.first_padding, minimum=0)
+        _check_positive_int("width_growth", self.width_growth)
         if self.norm not in NORMS:
             raise ValueError(f"Unknown norm {self.norm!r}: use one of {list(NORMS)}.")
+
+    def block_widths(self) -> tuple[int, ...]:
+        """The channels of each conv block: ``width * width_growth**d`` for block ``d``."""
+        return tuple(self.width * self.width_growth**d for d in range(self.depth))
 
     def feature_shape(self, input_shape) -> tuple[int, int, int]:
         """(H, W, C) of the features entering the classifier, for images of ``input_shape``.
@@ -239,26 +254,26 @@ class ConvNet:
                 f"to {h0 >> self.depth}x{w0 >> self.depth}. "
                 + (f"Use depth <= {fits}." if fits else "Use larger images.")
             )
-        return h0 >> self.depth, w0 >> self.depth, self.width
+        return h0 >> self.depth, w0 >> self.depth, self.block_widths()[-1]
 
     def init(self, key: jax.Array, input_shape, dtype=jnp.float32) -> dict:
         """Parameters for images of ``input_shape`` ((H, W, C) or (N, H, W, C)), torch-style."""
         _, _, c = _image_shape(input_shape)
         fh, fw, fc = self.feature_shape(input_shape)
         specs, c_in = [], c
-        for _ in range(self.depth):
-            specs += [((3, 3, c_in, self.width), c_in * 9), ((self.width,), c_in * 9)]
-            c_in = self.width
+        for c_out in self.block_widths():
+            specs += [((3, 3, c_in, c_out), c_in * 9), ((c_out,), c_in * 9)]
+            c_in = c_out
         n_feat = fh * fw * fc
         specs += [((n_feat, self.num_classes), n_feat), ((self.num_classes,), n_feat)]
         arrays = _torch_uniform(key, specs, dtype)
         params: dict[str, Any] = {}
-        for d in range(self.depth):
+        for d, c_out in enumerate(self.block_widths()):
             block: dict[str, Any] = {"conv": {"w": arrays[2 * d], "b": arrays[2 * d + 1]}}
             if self.norm == "instancenorm":
                 block["norm"] = {
-                    "scale": jnp.ones((self.width,), dtype),
-                    "bias": jnp.zeros((self.width,), dtype),
+                    "scale": jnp.ones((c_out,), dtype),
+                    "bias": jnp.zeros((c_out,), dtype),
                 }
             params[f"block{d}"] = block
         params["head"] = {"w": arrays[-2], "b": arrays[-1]}
@@ -299,7 +314,9 @@ class ConvNet:
         return jnp.matmul(x, params["head"]["w"], precision=HIGHEST) + params["head"]["b"]
 
     def features(self, params: dict, x: jax.Array, *, conv: str = "xla") -> jax.Array:
-        """The flattened features ``(N, H' * W' * width)`` entering the classifier.
+        """The flattened features ``(N, H' * W' * C')`` entering the classifier.
+
+        ``C'`` is the last block's channels (``block_widths()[-1]``).
 
         The last conv block's output, flattened in (H, W, C) order: what RFAD's random
         ConvNets and FRePo's model pool regress on (:mod:`kipnb.rfad`, :mod:`kipnb.frepo`).

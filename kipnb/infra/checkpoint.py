@@ -35,6 +35,7 @@ import numpy as np
 from kipnb.distilled import atomic_write_bytes, jsonable
 
 __all__ = ["CheckpointError", "check_resumable", "config_diff", "data_fingerprint", "load",
+           "resumable_config",
            "read_meta", "save"]
 
 
@@ -113,6 +114,40 @@ def config_diff(saved: dict, now: dict, free=(), names=("in the checkpoint", "no
     keys = sorted((set(saved) | set(now)) - set(free))
     return [f"{k}: {saved.get(k)!r} {names[0]}, {now.get(k)!r} {names[1]}"
             for k in keys if saved.get(k) != now.get(k)]
+
+
+def resumable_config(config) -> dict:
+    """``dataclasses.asdict(config)`` as a checkpoint stores it, older checkpoints in mind.
+
+    A field added to a config class after checkpoints were written is named, with its
+    default, in the class's ``ADDED_FIELDS`` (a ``ClassVar`` dict). While it keeps that
+    default it is left out of the dict, so a checkpoint written before the field existed
+    still belongs to the same run and resumes; any other value is kept (and a resume
+    from an older checkpoint is refused, naming the field).
+
+    Args:
+      config: a config dataclass instance.
+
+    Returns:
+      The JSON-able dict to save and compare on resume.
+
+    Example:
+      >>> import dataclasses
+      >>> @dataclasses.dataclass(frozen=True)
+      ... class Cfg:
+      ...     steps: int = 10
+      ...     growth: int = 1
+      >>> Cfg.ADDED_FIELDS = {"growth": 1}  # in a class body: ADDED_FIELDS: ClassVar[dict]
+      >>> resumable_config(Cfg()), resumable_config(Cfg(growth=2))
+      ({'steps': 10}, {'steps': 10, 'growth': 2})
+    """
+    import dataclasses
+
+    out = dataclasses.asdict(config)
+    for name, default in getattr(type(config), "ADDED_FIELDS", {}).items():
+        if name in out and out[name] == default:
+            del out[name]
+    return out
 
 
 def check_resumable(path, config: dict, data: str, *, what: str, free=(),

@@ -25,11 +25,18 @@ from *finite, partly trained* networks instead of the infinite-width limit:
 * **Learned labels.** One-hot minus 1/C at the start; saved as ``label_kind='regression'``.
 
 Our deviations from the reference code (kept because this runs on a CPU, and said so):
-FRePo's ConvNet doubles its width at each pooling and uses batch norm; ours is MTT's
-ConvNet (constant width, instance norm or none, :mod:`kipnb.nets`). The paper's pool of
-10 models, ``max_online_steps=100``, width 128 and long schedules are
-:data:`PARAMETER_SETS` ``['paper']`` (as recalled from the paper and code; the code was not
-in our search index); the class defaults are sized for a laptop CPU.
+FRePo's own ``Conv`` (``lib/models/networks.py`` of yongchao97/FRePo) doubles its width
+at each block (128 / 256 / 512 channels at depth 3: ``width_growth=2`` here, set in
+:data:`PARAMETER_SETS` ``['paper']``), pads a 1-channel image's first conv by 3, and is
+distilled with batch norm in the README's commands (``--normalization=batch``; the
+script's default is none, and its evaluation networks drop batch norm). Ours is
+:class:`kipnb.nets.ConvNet`, with instance norm or none: batch norm is not implemented
+(its batch statistics would mix the support and target images whose features KRR
+compares), and the CPU defaults keep MTT's constant width. The paper's pool of 10
+models, ``max_online_steps=100``, width 128, 1024 targets and the rate 3e-4 are
+``PARAMETER_SETS['paper']``; the reference code's outer optimizer is LAMB (ours: Adam)
+and its schedule 500000 steps (ours: 20000). The class defaults are sized for a laptop
+CPU.
 
 Step functions: ``state = init(cfg, d)``; ``state, info = update(state, cfg, d)``;
 :func:`run` puts :func:`kipnb.loop.run` around them (via :func:`kipnb.rfad.run_loop`):
@@ -46,7 +53,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +97,8 @@ class FRePoConfig:
         steps: outer (support-set) steps.
         pool_size: models in the pool (paper: 10).
         width, depth, norm: the pool's :class:`kipnb.nets.ConvNet` (paper: 128, 3).
+        width_growth: the ConvNet's block ``d`` has ``width * width_growth**d`` channels
+            (1: MTT's constant width; 2: FRePo's own ``Conv``, 128 / 256 / 512).
         max_online_steps: online steps after which a model is re-initialized (paper: 100).
         online_steps: online steps of the picked model per outer step.
         online_learning_rate: Adam's rate for the pool's models.
@@ -127,9 +136,15 @@ class FRePoConfig:
     eval_models: int = 4
     eval_test_size: int = 2000
     checkpoint_every: int = 50
+    width_growth: int = 1
+
+    #: Fields added after checkpoints were first written, with the default under which
+    #: those checkpoints still resume (:func:`kipnb.checkpoint.resumable_config`).
+    ADDED_FIELDS: ClassVar[dict] = {"width_growth": 1}
 
     def __post_init__(self):
         checks.int_fields(self, (("ipc", 1), ("steps", 0), ("pool_size", 1), ("width", 1),
+                                 ("width_growth", 1),
                                  ("depth", 1), ("max_online_steps", 1), ("online_steps", 0),
                                  ("target_batch_size", 1), ("eval_every", 0),
                                  ("eval_models", 1), ("eval_test_size", 1),
@@ -148,12 +163,12 @@ class FRePoConfig:
     def net(self, num_classes: int = 10) -> nets.ConvNet:
         """The pool's network."""
         return nets.ConvNet(width=self.width, depth=self.depth, norm=self.norm,
-                            num_classes=num_classes)
+                            num_classes=num_classes, width_growth=self.width_growth)
 
 
 #: Named settings. ``'paper'``: the paper's pool (GPU-sized).
 PARAMETER_SETS: dict[str, FRePoConfig] = {
-    "paper": FRePoConfig(pool_size=10, width=128, max_online_steps=100,
+    "paper": FRePoConfig(pool_size=10, width=128, width_growth=2, max_online_steps=100,
                          online_learning_rate=3e-4, learning_rate=3e-4,
                          target_batch_size=1024, reg=1e-6, steps=20000, eval_every=500),
     "cpu": FRePoConfig(),

@@ -65,7 +65,7 @@ import numpy as np
 import optax
 from jax.scipy.linalg import cho_factor, cho_solve
 
-from kipnb import checks, kip, krr, loop, nets, preprocess
+from kipnb import checkpoint, checks, kip, krr, loop, nets, preprocess
 from kipnb.checkpoint import CheckpointError
 from kipnb.distilled import DistilledSet
 
@@ -467,7 +467,7 @@ def run_loop(what: str, config, d, state: dict, update_fn: Callable, *, history:
     state and a resumed run equals an uninterrupted one. Evaluation at the start, every
     ``config.eval_every`` steps and at the end (``history['test_acc']``); checkpoints
     every ``config.checkpoint_every`` steps and at the end; resume checked against
-    ``dataclasses.asdict(config)`` (up to ``free``) and ``d.fingerprint()``.
+    ``checkpoint.resumable_config(config)`` (up to ``free``) and ``d.fingerprint()``.
 
     Args:
         what: the method's name in messages and on the progress bar ("RFAD").
@@ -505,7 +505,7 @@ def run_loop(what: str, config, d, state: dict, update_fn: Callable, *, history:
         evaluate=(lambda s, _step: {"test_acc": evaluate(s["params"])}) if evaluating else None,
         eval_every=config.eval_every, eval_at_start=evaluating, eval_at_end=evaluating,
         checkpoint_path=checkpoint_path, checkpoint_every=config.checkpoint_every,
-        config=dataclasses.asdict(config), fingerprint=d.fingerprint(), free=free,
+        config=checkpoint.resumable_config(config), fingerprint=d.fingerprint(), free=free,
         what=what, unpack=lambda tree: jax.tree_util.tree_map(jnp.asarray, tree),
         nan_error=nan_error, callback=callback, progress_bar=progress, desc=what,
     )
