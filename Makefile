@@ -37,8 +37,9 @@ repro-readme: $(STAMP)      ## results/ from the specs' current published figure
 	$(BIN)/python -m kipnb.repro refresh
 	$(BIN)/python -m kipnb.repro readme
 
-test: $(STAMP)              ## the whole suite, notebooks included
-	MPLBACKEND=agg $(BIN)/python -m pytest tests -q --durations=10
+TEST_WORKERS ?= 2
+test: $(STAMP)              ## the whole suite, notebooks included ($(TEST_WORKERS) pytest-xdist workers, one test file each)
+	MPLBACKEND=agg $(BIN)/python -m pytest tests -q --durations=10 -n $(TEST_WORKERS) --dist loadfile
 
 setup: $(STAMP)
 
