@@ -22,6 +22,7 @@ file is reported, with its path, and left for the user.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -141,8 +142,6 @@ def resumable_config(config) -> dict:
       >>> resumable_config(Cfg()), resumable_config(Cfg(growth=2))
       ({'steps': 10}, {'steps': 10, 'growth': 2})
     """
-    import dataclasses
-
     out = dataclasses.asdict(config)
     for name, default in getattr(type(config), "ADDED_FIELDS", {}).items():
         if name in out and out[name] == default:
