@@ -33,6 +33,10 @@ def test_config_errors():
         frepo.FRePoConfig(pool_size=0)
     with pytest.raises(ValueError, match=r"FRePoConfig.online_learning_rate=-1: must be positive"):
         frepo.FRePoConfig(online_learning_rate=-1)
+    with pytest.raises(ValueError, match=r"FRePoConfig.optimizer='sgd': use one of \['adam', 'lamb'\]"):
+        frepo.FRePoConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match=r"FRePoConfig.first_padding=-1: must be an integer >= 0"):
+        frepo.FRePoConfig(first_padding=-1)
 
 
 def test_feature_krr_loss_is_zero_on_its_own_support():
@@ -84,6 +88,37 @@ def test_width_growth_is_frepo_own_conv_and_keeps_old_checkpoints_resumable(digi
     assert res.distilled.source["config"]["width_growth"] == 2
     with pytest.raises(CheckpointError, match=r"width_growth: 2 in the checkpoint, None now"):
         frepo.run(short, digits, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_reference_settings_batchnorm_pool_and_lamb(digits, tmp_path):
+    """The paper set's network and optimizer (yongchao97/FRePo): batch norm on the input of
+    blocks 1 and 2 with running statistics per pool model, LAMB with a cosine decay."""
+    paper = frepo.PARAMETER_SETS["paper"]
+    net = paper.net(10, channels=1)
+    assert (net.norm, net.norm_first, net.first_padding) == ("batchnorm", True, 3)
+    assert paper.net(10, channels=3).first_padding == 1
+    assert (paper.optimizer, paper.lr_decay_steps) == ("lamb", paper.steps)
+    ref = dataclasses.replace(TINY, norm="batchnorm", norm_first=True, first_padding=None,
+                              optimizer="lamb", lr_decay_steps=24, learning_rate=3e-2,
+                              eval_every=0)
+    res = frepo.run(ref, digits, checkpoint_dir=tmp_path, progress=False)
+    bn = res.state["pool_bn"]
+    assert sorted(bn) == ["block1", "block2"] and bn["block1"]["mean"].shape == (3, 16)
+    # a model's running statistics move off (0, 1) as it trains, and a reset restores them
+    age = np.asarray(res.state["age"])
+    trained = int(np.argmax(age))
+    assert age[trained] > 0 and float(np.abs(bn["block1"]["mean"][trained]).max()) > 1e-3
+    loss = np.asarray(res.history["loss"])
+    assert np.isfinite(loss).all() and loss[-6:].mean() < loss[:6].mean()
+    acc = evaluate.krr(res.distilled, digits, kernel="fc").mean
+    assert acc > 0.5  # chance 0.1
+    # exact resume with the running statistics in the checkpoint
+    other = tmp_path / "again"
+    frepo.run(dataclasses.replace(ref, steps=12), digits, checkpoint_dir=other, progress=False)
+    resumed = frepo.run(ref, digits, checkpoint_dir=other, progress=False)
+    np.testing.assert_array_equal(resumed.distilled.images, res.distilled.images)
+    np.testing.assert_array_equal(resumed.state["pool_bn"]["block2"]["var"], bn["block2"]["var"])
+    assert "pool_bn" not in frepo.init(dataclasses.replace(TINY, steps=1), digits)
 
 
 def test_nan_stops_with_a_message(digits):

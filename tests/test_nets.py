@@ -149,8 +149,13 @@ def test_errors():
         nets.ConvNet(depth=4).init(jax.random.PRNGKey(0), (8, 8, 1))
     with pytest.raises(ValueError, match="initialized for 16"):
         net.apply(params, jnp.ones((2, 16, 16, 3)))
-    with pytest.raises(ValueError, match="Unknown norm"):
-        nets.ConvNet(norm="batchnorm")
+    with pytest.raises(ValueError, match="Unknown norm 'layernorm'"):
+        nets.ConvNet(norm="layernorm")
+    with pytest.raises(ValueError, match="bn_decay must be a number in"):
+        nets.ConvNet(norm="batchnorm", bn_decay=1.0)
+    bn = nets.ConvNet(width=4, depth=2, norm="batchnorm")
+    with pytest.raises(ValueError, match=r"needs its running statistics: pass state=net.init_state\(\)"):
+        bn.apply(bn.init(jax.random.PRNGKey(0), (8, 8, 1)), jnp.ones((2, 8, 8, 1)))
     with pytest.raises(ValueError, match="width must be an integer >= 1"):
         nets.ConvNet(width=0)
     with pytest.raises(ValueError, match="input_shape"):
@@ -206,3 +211,85 @@ def test_im2col_conv_equals_xla_conv_with_second_derivatives(pad, c):
         np.testing.assert_allclose(g_i, g_x, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="Unknown conv 'fft'"):
         net.apply(params, x, conv="fft")
+
+
+def _np_conv(x, w, b, pad):
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    n, h, wd, _ = x.shape
+    out = np.zeros((n, h - 2, wd - 2, w.shape[-1]))
+    for i in range(3):
+        for j in range(3):
+            out += np.einsum("nhwc,co->nhwo", x[:, i:i + h - 2, j:j + wd - 2], w[i, j])
+    return out + b
+
+
+def _np_pool(x):
+    n, h, w, c = x.shape
+    x = x[:, :h // 2 * 2, :w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def _np_frepo_conv(p, s, x, train, decay=0.1, eps=1e-5):
+    """FRePo's Conv (yongchao97/FRePo lib/models/networks.py, flax BatchNorm on the input of
+    blocks 1..depth-1), written out in numpy: logits and the new running statistics."""
+    new = {}
+    for d in range(len([k for k in p if k.startswith("block")])):
+        blk = {k: {kk: np.asarray(v, np.float64) for kk, v in vv.items()}
+               for k, vv in p[f"block{d}"].items()}
+        if d > 0:
+            if train:
+                mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+                old = s[f"block{d}"]
+                new[f"block{d}"] = {"mean": decay * np.asarray(old["mean"]) + (1 - decay) * mean,
+                                    "var": decay * np.asarray(old["var"]) + (1 - decay) * var}
+            else:
+                mean, var = np.asarray(s[f"block{d}"]["mean"]), np.asarray(s[f"block{d}"]["var"])
+            x = (x - mean) / np.sqrt(var + eps) * blk["norm"]["scale"] + blk["norm"]["bias"]
+        x = _np_conv(x, blk["conv"]["w"], blk["conv"]["b"], 3 if d == 0 else 1)
+        x = _np_pool(np.maximum(x, 0))
+    x = x.reshape(x.shape[0], -1)
+    return x @ np.asarray(p["head"]["w"], np.float64) + np.asarray(p["head"]["b"]), new
+
+
+def test_batchnorm_norm_first_is_frepo_conv_in_train_and_inference_mode():
+    net = nets.ConvNet(width=3, depth=3, norm="batchnorm", norm_first=True, first_padding=3,
+                       width_growth=2, num_classes=4)
+    params = net.init(jax.random.PRNGKey(0), (8, 8, 1))
+    # non-trivial norm parameters and running statistics, so that every term is checked
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 8))
+    for d in (1, 2):
+        c = net.norm_widths()[d]
+        params[f"block{d}"]["norm"] = {"scale": 1 + 0.3 * jax.random.normal(next(keys), (c,)),
+                                       "bias": 0.2 * jax.random.normal(next(keys), (c,))}
+    state = {k: {"mean": 0.1 * jax.random.normal(next(keys), v["mean"].shape),
+                 "var": 0.5 + jax.random.uniform(next(keys), v["var"].shape)}
+             for k, v in net.init_state().items()}
+    assert sorted(state) == ["block1", "block2"] and "norm" not in params["block0"]
+    assert net.norm_widths() == {1: 3, 2: 6}
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (5, 8, 8, 1)))
+
+    logits, new_state = jax.jit(net.apply_train)(params, state, x)
+    want, want_state = _np_frepo_conv(params, state, x.astype(np.float64), train=True)
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
+    for k in want_state:
+        for stat in ("mean", "var"):
+            np.testing.assert_allclose(new_state[k][stat], want_state[k][stat], rtol=1e-4,
+                                       atol=1e-6)
+    inference = jax.jit(lambda p, s, x: net.apply(p, x, state=s))(params, state, x)
+    want_inf, _ = _np_frepo_conv(params, state, x.astype(np.float64), train=False)
+    np.testing.assert_allclose(inference, want_inf, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(inference, logits, atol=1e-3)  # the two modes differ
+    # the running statistics get no gradient; the parameters do
+    g = jax.grad(lambda p: jnp.sum(net.apply_train(p, state, x)[0] ** 2))(params)
+    assert float(jnp.abs(g["block1"]["norm"]["scale"]).sum()) > 0
+
+
+def test_norm_first_instancenorm_and_stateless_norms():
+    net = nets.ConvNet(width=4, depth=2, norm="instancenorm", norm_first=True)
+    params = net.init(jax.random.PRNGKey(0), (8, 8, 1))
+    assert "norm" not in params["block0"] and params["block1"]["norm"]["scale"].shape == (4,)
+    assert net.init_state() == {}
+    logits, state = net.apply_train(params, {}, jnp.ones((2, 8, 8, 1)))
+    np.testing.assert_allclose(logits, net.apply(params, jnp.ones((2, 8, 8, 1))))
+    assert state == {}
+    assert "batchnorm" in nets.NORMS and "batchnorm" not in nets.STATELESS_NORMS

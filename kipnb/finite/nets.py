@@ -19,6 +19,13 @@ Networks (frozen dataclasses: the configuration; ``init``/``apply``: the functio
   MTT builds as ``torch.nn.GroupNorm(width, width, affine=True)``: per sample and per
   channel, normalize over (H, W) with the biased variance and ``eps = 1e-5``, then a
   learnable per-channel scale (init 1) and bias (init 0). ``norm='none'`` drops it.
+  ``norm='batchnorm'`` (FRePo's pool) normalizes with batch statistics while training and
+  with running statistics otherwise; those statistics are a second pytree, the
+  network's *state* (:meth:`ConvNet.init_state`, :meth:`ConvNet.apply_train`), so such
+  a network is not a pure function of its parameters and the trainers that need one
+  (trajectory matching, the evaluator) accept only :data:`STATELESS_NORMS`.
+  ``norm_first=True`` puts the norm where FRePo's ``Conv`` has it: on the input of
+  blocks 1, ..., depth - 1 (after the previous block's pooling), not after each conv.
   Pooling floors odd sizes (as ``torch.nn.AvgPool2d``). MTT pads the *first* conv by 3
   for 1-channel images (28x28 MNIST -> 32x32, so that ConvNet-3 ends at 4x4); here that
   is ``ConvNet(first_padding=3)``, default 1 (SAME).
@@ -42,7 +49,9 @@ Parameter pytree of a ConvNet::
 
     {'block0': {'conv': {'w', 'b'}, 'norm': {'scale', 'bias'}}, ..., 'head': {'w', 'b'}}
 
-(no ``'norm'`` entry with ``norm='none'``); of an MLP:
+(no ``'norm'`` entry with ``norm='none'``; with ``norm_first`` block 0 has none); the
+state of a batch-norm ConvNet is ``{'block<d>': {'mean', 'var'}}`` for the blocks that
+have a norm; of an MLP:
 ``{'dense0': {'w', 'b'}, ..., 'head': {'w', 'b'}}``.
 
 Trajectory matching compares flat vectors: :func:`flatten_params` and
@@ -72,15 +81,21 @@ from kipnb.checks import is_int as _is_int
 __all__ = [
     "NETS",
     "NORMS",
+    "STATELESS_NORMS",
     "ConvNet",
     "MLP",
+    "batch_moments",
+    "batch_norm",
     "count_params",
     "flatten_params",
     "get",
     "unflatten_params",
 ]
 
-NORMS = ("instancenorm", "none")
+#: The ConvNet's normalizations.
+NORMS = ("instancenorm", "batchnorm", "none")
+#: Those whose network is a pure function of its parameters (no running statistics).
+STATELESS_NORMS = ("instancenorm", "none")
 CONV_IMPLS = ("xla", "im2col", "patch_grad")
 _THIN = 4  # patch_grad: convolutions with at most this many input channels
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -129,6 +144,29 @@ def instance_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 
     mean = jnp.mean(x, axis=(1, 2), keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array,
+               var: jax.Array, eps: float = _EPS) -> jax.Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` per channel (last axis) of NHWC ``x``.
+
+    With the batch's statistics (:func:`batch_moments`) this is batch norm in training
+    mode; with running statistics, in inference mode (flax's ``nn.BatchNorm``).
+
+    Example:
+        >>> x = jnp.arange(8.0).reshape(2, 2, 2, 1)
+        >>> mean, var = batch_moments(x)
+        >>> y = batch_norm(x, jnp.ones(1), jnp.zeros(1), mean, var)
+        >>> bool(abs(y.mean()) < 1e-6), round(float(y.var()), 4)
+        (True, 1.0)
+    """
+    return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+
+
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel mean and biased variance of NHWC ``x`` over (N, H, W)."""
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    return mean, jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
 
 
 def _avg_pool(x: jax.Array) -> jax.Array:
@@ -198,12 +236,18 @@ class ConvNet:
     Attributes:
       width: channels of every conv layer (MTT: 128).
       depth: number of conv blocks (MTT: 3).
-      norm: ``'instancenorm'`` (MTT's default) or ``'none'``.
+      norm: ``'instancenorm'`` (MTT's default), ``'batchnorm'`` (running statistics in
+        a separate state, see :meth:`init_state`) or ``'none'``.
       num_classes: outputs of the final Dense layer.
       first_padding: zero padding of the first conv (1 = SAME; MTT uses 3 for
         1-channel 28x28 images, turning them into 32x32 feature maps).
       width_growth: block ``d`` has ``width * width_growth**d`` channels (1: MTT's
         constant width; 2: FRePo's ``Conv``, 128 / 256 / 512 channels at depth 3).
+      norm_first: normalize the input of blocks 1, ..., depth - 1 (FRePo's ``Conv``)
+        instead of each conv's output (MTT's ConvNet, the default).
+      bn_decay: batch norm's running statistics become ``bn_decay * old + (1 -
+        bn_decay) * batch`` per training step (flax's ``momentum``; FRePo's ``Conv``:
+        0.1, the default).
 
     Example:
         >>> net = ConvNet(width=4, depth=3, norm="none", first_padding=3, width_growth=2)
@@ -211,6 +255,13 @@ class ConvNet:
         (4, 8, 16)
         >>> net.feature_shape((28, 28, 1))
         (4, 4, 16)
+        >>> bn = ConvNet(width=4, depth=3, norm="batchnorm", norm_first=True)
+        >>> p, s = bn.init(jax.random.key(0), (8, 8, 1)), bn.init_state()
+        >>> sorted(s), s["block1"]["mean"].shape   # blocks 1 and 2 normalize their input
+        (['block1', 'block2'], (4,))
+        >>> logits, s2 = bn.apply_train(p, s, jnp.ones((5, 8, 8, 1)))
+        >>> bn.apply(p, jnp.ones((5, 8, 8, 1)), state=s2).shape
+        (5, 10)
     """
 
     width: int = 128
@@ -219,6 +270,8 @@ class ConvNet:
     num_classes: int = 10
     first_padding: int = 1
     width_growth: int = 1
+    norm_first: bool = False
+    bn_decay: float = 0.1
 
     def __post_init__(self):
         _check_positive_int("width", self.width)
@@ -228,6 +281,30 @@ class ConvNet:
         _check_positive_int("width_growth", self.width_growth)
         if self.norm not in NORMS:
             raise ValueError(f"Unknown norm {self.norm!r}: use one of {list(NORMS)}.")
+        if not isinstance(self.norm_first, bool):
+            raise ValueError(f"norm_first must be True or False, got {self.norm_first!r}.")
+        if not (isinstance(self.bn_decay, (int, float)) and 0 <= self.bn_decay < 1):
+            raise ValueError(f"bn_decay must be a number in [0, 1), got {self.bn_decay!r}.")
+
+    def norm_widths(self) -> dict[int, int]:
+        """``{block: channels}`` of the blocks that have a norm layer (empty for 'none')."""
+        if self.norm == "none":
+            return {}
+        widths = self.block_widths()
+        if self.norm_first:
+            return {d: widths[d - 1] for d in range(1, self.depth)}
+        return dict(enumerate(widths))
+
+    def init_state(self, dtype=jnp.float32) -> dict:
+        """The running statistics of batch norm: mean 0, variance 1 (``{}`` for other norms).
+
+        Returns:
+            ``{'block<d>': {'mean': (C,), 'var': (C,)}}`` for each block with a norm.
+        """
+        if self.norm != "batchnorm":
+            return {}
+        return {f"block{d}": {"mean": jnp.zeros((c,), dtype), "var": jnp.ones((c,), dtype)}
+                for d, c in self.norm_widths().items()}
 
     def block_widths(self) -> tuple[int, ...]:
         """The channels of each conv block: ``width * width_growth**d`` for block ``d``."""
@@ -268,19 +345,24 @@ class ConvNet:
         specs += [((n_feat, self.num_classes), n_feat), ((self.num_classes,), n_feat)]
         arrays = _torch_uniform(key, specs, dtype)
         params: dict[str, Any] = {}
-        for d, c_out in enumerate(self.block_widths()):
+        norm_widths = self.norm_widths()
+        for d in range(self.depth):
             block: dict[str, Any] = {"conv": {"w": arrays[2 * d], "b": arrays[2 * d + 1]}}
-            if self.norm == "instancenorm":
+            if d in norm_widths:
                 block["norm"] = {
-                    "scale": jnp.ones((c_out,), dtype),
-                    "bias": jnp.zeros((c_out,), dtype),
+                    "scale": jnp.ones((norm_widths[d],), dtype),
+                    "bias": jnp.zeros((norm_widths[d],), dtype),
                 }
             params[f"block{d}"] = block
         params["head"] = {"w": arrays[-2], "b": arrays[-1]}
         return params
 
-    def apply(self, params: dict, x: jax.Array, *, conv: str = "xla") -> jax.Array:
+    def apply(self, params: dict, x: jax.Array, *, conv: str = "xla",
+              state: dict | None = None) -> jax.Array:
         """Logits ``(N, num_classes)`` for NHWC images ``x`` of shape ``(N, H, W, C)``.
+
+        ``state``: the running statistics of a ``'batchnorm'`` network (required for
+        it; :meth:`init_state`, :meth:`apply_train`), which normalize in inference mode.
 
         ``apply(params, x) == features(params, x) @ params['head']['w'] + params['head']['b']``.
 
@@ -310,17 +392,39 @@ class ConvNet:
                 f"Channel mismatch: the images have {x.shape[-1]} channels (last axis of NHWC) "
                 f"but the parameters were initialized for {c_params}. Are the images NCHW?"
             )
-        x = self.features(params, x, conv=conv)
+        x = self.features(params, x, conv=conv, state=state)
         return jnp.matmul(x, params["head"]["w"], precision=HIGHEST) + params["head"]["b"]
 
-    def features(self, params: dict, x: jax.Array, *, conv: str = "xla") -> jax.Array:
+    def apply_train(self, params: dict, state: dict, x: jax.Array, *,
+                    conv: str = "xla") -> tuple[jax.Array, dict]:
+        """Training mode: ``(logits, new_state)``, batch norm with the batch's statistics.
+
+        The new running statistics are ``bn_decay * old + (1 - bn_decay) * batch``
+        (biased variance, as flax). For the other norms this is ``(apply(params, x),
+        state)``.
+        """
+        f, new_state = self.features_train(params, state, x, conv=conv)
+        return (jnp.matmul(f, params["head"]["w"], precision=HIGHEST) + params["head"]["b"],
+                new_state)
+
+    def features_train(self, params: dict, state: dict, x: jax.Array, *,
+                       conv: str = "xla") -> tuple[jax.Array, dict]:
+        """:meth:`features` in training mode: ``(features, new_state)``.
+
+        See :meth:`apply_train`.
+        """
+        return self._forward(params, x, conv, state, train=True)
+
+    def features(self, params: dict, x: jax.Array, *, conv: str = "xla",
+                 state: dict | None = None) -> jax.Array:
         """The flattened features ``(N, H' * W' * C')`` entering the classifier.
 
         ``C'`` is the last block's channels (``block_widths()[-1]``).
 
         The last conv block's output, flattened in (H, W, C) order: what RFAD's random
         ConvNets and FRePo's model pool regress on (:mod:`kipnb.rfad`, :mod:`kipnb.frepo`).
-        ``params['head']`` is not used (it may be absent). ``conv`` as in :meth:`apply`.
+        ``params['head']`` is not used (it may be absent). ``conv`` and ``state`` as in
+        :meth:`apply`.
 
         Example:
             >>> net = ConvNet(width=8, depth=2, norm="none")
@@ -328,6 +432,9 @@ class ConvNet:
             >>> net.features(p, jnp.ones((3, 8, 8, 1))).shape
             (3, 32)
         """
+        return self._forward(params, x, conv, state, train=False)[0]
+
+    def _forward(self, params, x, conv, state, train):
         if conv not in CONV_IMPLS:
             raise ValueError(f"Unknown conv {conv!r}: use one of {list(CONV_IMPLS)}.")
         x = jnp.asarray(x)
@@ -344,14 +451,39 @@ class ConvNet:
                 f"features but the classifier was initialized for {n_feat}: initialize the "
                 f"parameters with this image size."
             )
+        if self.norm == "batchnorm" and state is None:
+            raise ValueError(
+                "ConvNet(norm='batchnorm') needs its running statistics: pass "
+                "state=net.init_state() (or the state apply_train returned), or train with "
+                "apply_train(params, state, x).")
+        norm_widths, new_state = self.norm_widths(), {}
+
+        def norm(x, d):
+            scale, bias = params[f"block{d}"]["norm"]["scale"], params[f"block{d}"]["norm"]["bias"]
+            if self.norm == "instancenorm":
+                return instance_norm(x, scale, bias)
+            old = state[f"block{d}"]
+            if not train:
+                return batch_norm(x, scale, bias, old["mean"], old["var"])
+            mean, var = batch_moments(x)
+            k = self.bn_decay
+            new_state[f"block{d}"] = {
+                "mean": k * old["mean"] + (1 - k) * jax.lax.stop_gradient(mean),
+                "var": k * old["var"] + (1 - k) * jax.lax.stop_gradient(var)}
+            return batch_norm(x, scale, bias, mean, var)
+
         for d in range(self.depth):
             block = params[f"block{d}"]
+            if self.norm_first and d in norm_widths:
+                x = norm(x, d)
             p = self.first_padding if d == 0 else 1
             x = _conv3x3(x, block["conv"]["w"].astype(x.dtype), p, conv) + block["conv"]["b"]
-            if self.norm == "instancenorm":
-                x = instance_norm(x, block["norm"]["scale"], block["norm"]["bias"])
+            if not self.norm_first and d in norm_widths:
+                x = norm(x, d)
             x = _avg_pool(jax.nn.relu(x))
-        return x.reshape(x.shape[0], -1)
+        if not train or self.norm != "batchnorm":
+            new_state = state if state is not None else {}
+        return x.reshape(x.shape[0], -1), new_state
 
 
 @dataclass(frozen=True)

@@ -221,8 +221,9 @@ class ExpertConfig:
             v = getattr(self, name)
             if not (_is_int(v) and v >= 1):
                 bad(name, "must be a positive integer.")
-        if self.norm not in nets.NORMS:
-            bad("norm", f"use one of {list(nets.NORMS)}.")
+        if self.norm not in nets.STATELESS_NORMS:
+            bad("norm", f"use one of {list(nets.STATELESS_NORMS)} (trajectory matching "
+                        "differentiates through training: no running statistics).")
         if not (_is_real(self.lr) and self.lr > 0):
             bad("lr", "must be a positive number (MTT's experts use 0.01).")
         if not (_is_real(self.momentum) and 0 <= self.momentum < 1):

@@ -13,30 +13,37 @@ from *finite, partly trained* networks instead of the infinite-width limit:
       pred = K_ts (K_ss + reg * tr(K_ss)/n * I)^{-1} Y_s,
       loss = 0.5 * mean (pred - Y_t)^2       (Y_t one-hot minus 1/C)
 
-  and Adam moves the support images and labels down its gradient. The features of the
-  targets are constants (``stop_gradient``): the meta-gradient goes through the kernel
-  and one forward pass of the feature extractor, not through any training run.
+  and Adam (or LAMB, as the reference code) moves the support images and labels down its
+  gradient. The features of the targets are constants (``stop_gradient``): the
+  meta-gradient goes through the kernel and one forward pass of the feature extractor,
+  not through any training run.
 * **Online training and resets.** After the support update, model ``i`` takes
   ``online_steps`` Adam steps on the distilled set (MSE of its logits to the learned
-  labels). Once a model has taken ``max_online_steps`` steps it is re-initialized from
-  a fresh key, so the pool always spans networks from fresh to trained (the paper's
-  fix for overfitting to one optimization stage). Ages start staggered
+  labels). With ``norm='batchnorm'`` those steps normalize with the distilled batch's
+  statistics and update the model's running statistics (decay 0.1, as FRePo's ``Conv``),
+  and the KRR features of support and targets use the running statistics, as the
+  reference code's ``nn_feat_fn`` (``train=False``): so batch statistics never mix the
+  support and target images that KRR compares. Once a model has taken
+  ``max_online_steps`` steps it is re-initialized from a fresh key, so the pool always
+  spans networks from fresh to trained (the paper's fix for overfitting to one
+  optimization stage). Ages start staggered
   (``age_i = i * max_online_steps // pool_size``) so that resets are spread out.
 * **Learned labels.** One-hot minus 1/C at the start; saved as ``label_kind='regression'``.
 
-Our deviations from the reference code (kept because this runs on a CPU, and said so):
-FRePo's own ``Conv`` (``lib/models/networks.py`` of yongchao97/FRePo) doubles its width
-at each block (128 / 256 / 512 channels at depth 3: ``width_growth=2`` here, set in
-:data:`PARAMETER_SETS` ``['paper']``), pads a 1-channel image's first conv by 3, and is
-distilled with batch norm in the README's commands (``--normalization=batch``; the
-script's default is none, and its evaluation networks drop batch norm). Ours is
-:class:`kipnb.nets.ConvNet`, with instance norm or none: batch norm is not implemented
-(its batch statistics would mix the support and target images whose features KRR
-compares), and the CPU defaults keep MTT's constant width. The paper's pool of 10
-models, ``max_online_steps=100``, width 128, 1024 targets and the rate 3e-4 are
-``PARAMETER_SETS['paper']``; the reference code's outer optimizer is LAMB (ours: Adam)
-and its schedule 500000 steps (ours: 20000). The class defaults are sized for a laptop
-CPU.
+The reference code and ours. FRePo's own ``Conv`` (``lib/models/networks.py`` of
+yongchao97/FRePo) doubles its width at each block (128 / 256 / 512 channels at depth 3),
+pads a 1-channel image's first conv by 3, and is distilled with batch norm in the
+README's commands (``--normalization=batch``: flax ``BatchNorm`` with momentum 0.1 on the
+input of blocks 1 and 2; the script's default is none, and its evaluation networks drop
+batch norm). Its outer optimizer is LAMB, at 3e-4 with a cosine decay to 0.1x over the
+run. :data:`PARAMETER_SETS` ``['paper']`` sets all of these: ``width_growth=2``,
+``first_padding=None`` (3 for 1-channel images, else 1), ``norm='batchnorm'`` with
+``norm_first=True``, ``optimizer='lamb'``, ``lr_decay_steps=steps``, with the paper's pool
+of 10 models, ``max_online_steps=100``, width 128, 1024 targets and the rate 3e-4. What
+still differs: 20000 steps, not the reference's 500000, and no flipped copies of the
+support set in the loss (the reference's ``use_flip``: on for CIFAR-10, off for MNIST
+and Fashion-MNIST). The class defaults (Adam, constant rate, instance norm after each
+conv, MTT's constant width) are sized for a laptop CPU.
 
 Step functions: ``state = init(cfg, d)``; ``state, info = update(state, cfg, d)``;
 :func:`run` puts :func:`kipnb.loop.run` around them (via :func:`kipnb.rfad.run_loop`):
@@ -81,6 +88,8 @@ CHECKPOINT_NAME = "frepo_checkpoint.npz"
 HIGHEST = jax.lax.Precision.HIGHEST
 #: Config fields a resumed run may change.
 RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "eval_every", "eval_test_size"})
+#: The outer optimizers by name.
+OPTIMIZERS = {"adam": optax.adam, "lamb": optax.lamb}
 
 
 class FRePoNumericalError(krr.NumericalError):
@@ -96,14 +105,21 @@ class FRePoConfig:
         ipc: support images per class.
         steps: outer (support-set) steps.
         pool_size: models in the pool (paper: 10).
-        width, depth, norm: the pool's :class:`kipnb.nets.ConvNet` (paper: 128, 3).
+        width, depth, norm: the pool's :class:`kipnb.nets.ConvNet` (paper: 128, 3,
+            ``'batchnorm'``).
+        norm_first: normalize each block's input, as FRePo's ``Conv`` (paper: True).
+        first_padding: the first conv's zero padding; None: FRePo's, 3 for 1-channel
+            images and 1 otherwise (paper: None).
         width_growth: the ConvNet's block ``d`` has ``width * width_growth**d`` channels
             (1: MTT's constant width; 2: FRePo's own ``Conv``, 128 / 256 / 512).
         max_online_steps: online steps after which a model is re-initialized (paper: 100).
         online_steps: online steps of the picked model per outer step.
         online_learning_rate: Adam's rate for the pool's models.
         target_batch_size: real targets per step, class balanced.
-        learning_rate: Adam's rate for the support images and labels.
+        learning_rate: the outer optimizer's rate for the support images and labels.
+        optimizer: ``'adam'`` or ``'lamb'`` (the reference code's) for the support set.
+        lr_decay_steps: 0 for a constant rate, else a cosine decay to 0.1x over these
+            steps (the reference code's schedule, over its whole run).
         learn_labels: learn the support labels too.
         reg: KRR's relative ridge.
         preprocessing, zca_reg: :func:`kipnb.preprocess.make` method and ZCA strength.
@@ -137,10 +153,16 @@ class FRePoConfig:
     eval_test_size: int = 2000
     checkpoint_every: int = 50
     width_growth: int = 1
+    norm_first: bool = False
+    first_padding: int | None = 1
+    optimizer: str = "adam"
+    lr_decay_steps: int = 0
 
     #: Fields added after checkpoints were first written, with the default under which
     #: those checkpoints still resume (:func:`kipnb.checkpoint.resumable_config`).
-    ADDED_FIELDS: ClassVar[dict] = {"width_growth": 1}
+    ADDED_FIELDS: ClassVar[dict] = {"width_growth": 1, "norm_first": False,
+                                    "first_padding": 1, "optimizer": "adam",
+                                    "lr_decay_steps": 0}
 
     def __post_init__(self):
         checks.int_fields(self, (("ipc", 1), ("steps", 0), ("pool_size", 1), ("width", 1),
@@ -148,7 +170,15 @@ class FRePoConfig:
                                  ("depth", 1), ("max_online_steps", 1), ("online_steps", 0),
                                  ("target_batch_size", 1), ("eval_every", 0),
                                  ("eval_models", 1), ("eval_test_size", 1),
-                                 ("checkpoint_every", 0), ("seed", 0)))
+                                 ("checkpoint_every", 0), ("seed", 0),
+                                 ("lr_decay_steps", 0)))
+        if self.first_padding is not None:
+            checks.int_fields(self, (("first_padding", 0),))
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"FRePoConfig.optimizer={self.optimizer!r}: use one of "
+                             f"{list(OPTIMIZERS)}.")
+        if not isinstance(self.norm_first, bool):
+            raise ValueError(f"FRePoConfig.norm_first={self.norm_first!r}: use True or False.")
         for name in ("learning_rate", "online_learning_rate", "reg"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FRePoConfig.{name}={getattr(self, name)!r}: must be positive.")
@@ -160,15 +190,29 @@ class FRePoConfig:
         if self.init not in ("real", "noise"):
             raise ValueError(f"FRePoConfig.init={self.init!r}: use 'real' or 'noise'.")
 
-    def net(self, num_classes: int = 10) -> nets.ConvNet:
-        """The pool's network."""
+    def net(self, num_classes: int = 10, channels: int = 1) -> nets.ConvNet:
+        """The pool's network, for images with ``channels`` channels."""
+        pad = self.first_padding
+        if pad is None:
+            pad = 3 if channels == 1 else 1
         return nets.ConvNet(width=self.width, depth=self.depth, norm=self.norm,
-                            num_classes=num_classes, width_growth=self.width_growth)
+                            num_classes=num_classes, width_growth=self.width_growth,
+                            norm_first=self.norm_first, first_padding=pad)
+
+    def outer_optimizer(self) -> optax.GradientTransformation:
+        """The support set's optimizer: Adam or LAMB, at ``learning_rate`` or its cosine decay."""
+        rate = self.learning_rate
+        if self.lr_decay_steps:
+            rate = optax.cosine_decay_schedule(self.learning_rate, self.lr_decay_steps,
+                                               alpha=0.1)
+        return OPTIMIZERS[self.optimizer](rate)
 
 
 #: Named settings. ``'paper'``: the paper's pool (GPU-sized).
 PARAMETER_SETS: dict[str, FRePoConfig] = {
     "paper": FRePoConfig(pool_size=10, width=128, width_growth=2, max_online_steps=100,
+                         norm="batchnorm", norm_first=True, first_padding=None,
+                         optimizer="lamb", lr_decay_steps=20000,
                          online_learning_rate=3e-4, learning_rate=3e-4,
                          target_batch_size=1024, reg=1e-6, steps=20000, eval_every=500),
     "cpu": FRePoConfig(),
@@ -220,28 +264,28 @@ def _fns(config: FRePoConfig, input_shape: tuple, num_classes: int):
 
 @functools.lru_cache(maxsize=16)
 def _compiled(config: FRePoConfig, input_shape: tuple, num_classes: int):
-    net = config.net(num_classes)
+    net = config.net(num_classes, input_shape[-1])
     opt = optax.multi_transform(
-        {"main": optax.adam(config.learning_rate), "frozen": optax.set_to_zero()},
+        {"main": config.outer_optimizer(), "frozen": optax.set_to_zero()},
         {"images": "main", "labels": "main" if config.learn_labels else "frozen"})
     online = optax.adam(config.online_learning_rate)
 
     def new_model(key):
         p = net.init(key, input_shape)
-        return p, online.init(p)
+        return p, online.init(p), net.init_state()
 
     def reset_key(i, n):
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed + 1), i), n)
 
     @jax.jit
-    def step(params, opt_state, pool, pool_opt, age, resets, i, x_t, t_classes):
-        model = _take(pool, i)
+    def step(params, opt_state, pool, pool_opt, pool_bn, age, resets, i, x_t, t_classes):
+        model, bn = _take(pool, i), _take(pool_bn, i)
         y_t = jax.nn.one_hot(t_classes, num_classes) - 1.0 / num_classes
-        f_t = jax.lax.stop_gradient(net.features(model, x_t))
+        f_t = jax.lax.stop_gradient(net.features(model, x_t, state=bn))
 
         def loss_fn(p):
-            return feature_krr_loss(net.features(model, p["images"]), p["labels"], f_t, y_t,
-                                    config.reg)
+            return feature_krr_loss(net.features(model, p["images"], state=bn), p["labels"],
+                                    f_t, y_t, config.reg)
 
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, new_opt = opt.update(grads, opt_state, params)
@@ -253,30 +297,39 @@ def _compiled(config: FRePoConfig, input_shape: tuple, num_classes: int):
         x_s, y_s = jax.lax.stop_gradient(new["images"]), jax.lax.stop_gradient(new["labels"])
         m_opt = _take(pool_opt, i)
 
-        def online_step(carry, _):
-            m, o = carry
-            g = jax.grad(lambda q: 0.5 * jnp.mean((net.apply(q, x_s) - y_s) ** 2))(m)
-            u, o = online.update(g, o, m)
-            return (optax.apply_updates(m, u), o), None
+        def online_loss(q, b):
+            logits, b = net.apply_train(q, b, x_s)
+            return 0.5 * jnp.mean((logits - y_s) ** 2), b
 
-        (model, m_opt), _ = jax.lax.scan(online_step, (model, m_opt), None,
-                                         length=config.online_steps)
+        def online_step(carry, _):
+            m, o, b = carry
+            g, b = jax.grad(online_loss, has_aux=True)(m, b)
+            u, o = online.update(g, o, m)
+            return (optax.apply_updates(m, u), o, b), None
+
+        (model, m_opt, bn), _ = jax.lax.scan(online_step, (model, m_opt, bn), None,
+                                             length=config.online_steps)
         a = age[i] + config.online_steps
         do_reset = a >= config.max_online_steps
-        fresh, fresh_opt = new_model(reset_key(i, resets[i] + 1))
-        model = jax.tree_util.tree_map(lambda f, m: jnp.where(do_reset, f, m), fresh, model)
-        m_opt = jax.tree_util.tree_map(lambda f, m: jnp.where(do_reset, f, m), fresh_opt, m_opt)
+        fresh, fresh_opt, fresh_bn = new_model(reset_key(i, resets[i] + 1))
+
+        def pick(f, m):
+            return jax.tree_util.tree_map(lambda u, v: jnp.where(do_reset, u, v), f, m)
+
+        model, m_opt, bn = pick(fresh, model), pick(fresh_opt, m_opt), pick(fresh_bn, bn)
         pool, pool_opt = _put(pool, i, model), _put(pool_opt, i, m_opt)
+        pool_bn = _put(pool_bn, i, bn)
         age = age.at[i].set(jnp.where(do_reset, 0, a))
         resets = resets.at[i].add(do_reset.astype(resets.dtype))
-        return new, new_opt, pool, pool_opt, age, resets, loss, acc, finite
+        return new, new_opt, pool, pool_opt, pool_bn, age, resets, loss, acc, finite
 
     return net, opt, new_model, reset_key, step
 
 
 def init(config: FRePoConfig, d) -> dict:
     """The starting state: support ``params``, its ``opt_state``, the model ``pool``
-    (stacked parameters), ``pool_opt``, ``age`` and ``resets`` per model, ``step``.
+    (stacked parameters), ``pool_opt``, ``age`` and ``resets`` per model, ``step``; with
+    ``norm='batchnorm'`` also ``pool_bn``, the models' running statistics.
 
     Args:
         config: the :class:`FRePoConfig`.
@@ -295,10 +348,14 @@ def init(config: FRePoConfig, d) -> dict:
     pool_opt = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[m[1] for m in models])
     age = jnp.asarray([i * config.max_online_steps // config.pool_size
                        for i in range(config.pool_size)], jnp.int32)
-    return {"params": params, "opt_state": opt.init(params), "pool": pool,
-            "pool_opt": pool_opt, "age": age,
-            "resets": jnp.zeros((config.pool_size,), jnp.int32),
-            "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt_state": opt.init(params), "pool": pool,
+             "pool_opt": pool_opt, "age": age,
+             "resets": jnp.zeros((config.pool_size,), jnp.int32),
+             "step": jnp.zeros((), jnp.int32)}
+    if config.norm == "batchnorm":  # (the key is absent otherwise: older checkpoints resume)
+        state["pool_bn"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a),
+                                                  *[m[2] for m in models])
+    return state
 
 
 def update(state: dict, config: FRePoConfig, d) -> tuple[dict, dict]:
@@ -318,16 +375,19 @@ def update(state: dict, config: FRePoConfig, d) -> tuple[dict, dict]:
                               d.num_classes)
     i = int(np.random.default_rng([config.seed, s, 1]).integers(config.pool_size))
     step = _fns(config, tuple(d.x_train.shape[1:]), d.num_classes)[-1]
-    new, new_opt, pool, pool_opt, age, resets, loss, acc, finite = step(
-        state["params"], state["opt_state"], state["pool"], state["pool_opt"], state["age"],
-        state["resets"], jnp.asarray(i, jnp.int32), jnp.asarray(d.x_train[idx]),
-        jnp.asarray(d.labels_train[idx], jnp.int32))
+    new, new_opt, pool, pool_opt, pool_bn, age, resets, loss, acc, finite = step(
+        state["params"], state["opt_state"], state["pool"], state["pool_opt"],
+        state.get("pool_bn", {}), state["age"], state["resets"], jnp.asarray(i, jnp.int32),
+        jnp.asarray(d.x_train[idx]), jnp.asarray(d.labels_train[idx], jnp.int32))
     info = {"step": s + 1, "loss": float(loss), "batch_acc": float(acc), "model": i,
             "finite": bool(finite)}
     if not info["finite"]:
         return state, info
-    return {"params": new, "opt_state": new_opt, "pool": pool, "pool_opt": pool_opt,
-            "age": age, "resets": resets, "step": jnp.asarray(s + 1, jnp.int32)}, info
+    out = {"params": new, "opt_state": new_opt, "pool": pool, "pool_opt": pool_opt,
+           "age": age, "resets": resets, "step": jnp.asarray(s + 1, jnp.int32)}
+    if "pool_bn" in state:
+        out["pool_bn"] = pool_bn
+    return out, info
 
 
 def _evaluator(config: FRePoConfig, d):
