@@ -36,6 +36,13 @@ notebook resumes from its own checkpoints in the same directory), so an interrup
 suite resumes. ``results/SPEC.json`` and ``results/SPEC.md`` hold ours beside the
 published figure, the gap, hardware, wall time, JAX version and commit; rows run earlier
 are kept when a later call runs only some rows.
+
+Rows run on another machine (the accelerator rows on a GPU or TPU) come back with that
+machine's ``results/SPEC.json``: ``python -m kipnb.repro merge FILE ...`` takes each of its
+rows that ran there into this ``results/SPEC.json`` (:func:`merge_results`), when the row's
+experiment is still the spec's. A copy of the tree without its git repository records the
+commit named by ``$KIPNB_COMMIT``. ``scripts/accelerator_rows.sh`` runs a list of rows
+within a time budget on such a machine.
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ __all__ = [
     "load_spec",
     "lookup",
     "main",
+    "merge_results",
     "readme_blocks",
     "refresh_results",
     "render_markdown",
@@ -90,6 +98,8 @@ _PUBLISHED_KEYS = {"value", "source", "comparable", "verified", "why", "where"}
 _SOURCE_KEYS = {"paper", "table", "network"}
 _RUN_HASH = re.compile(r"-[0-9a-f]{8,}$")
 _SELECT = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<conds>[^\]]+)\]$")
+#: The commit to record where the tree has no git repository (a copy sent to a GPU machine).
+ENV_COMMIT = "KIPNB_COMMIT"
 
 
 class SpecError(ValueError):
@@ -325,7 +335,7 @@ def code_version(paths: Sequence[str | os.PathLike]) -> dict:
     from kipnb import __version__
 
     rel = [os.path.relpath(Path(p).resolve(), ROOT) for p in paths]
-    commit = _git("log", "-1", "--format=%H", "--", *rel) or None
+    commit = _git("log", "-1", "--format=%H", "--", *rel) or os.environ.get(ENV_COMMIT) or None
     diff = _git("diff", "HEAD", "--", *rel)
     untracked = _git("ls-files", "--others", "--exclude-standard", "--", *rel)
     extra = "".join(Path(ROOT, f).read_text(errors="replace") for f in untracked.split() if f)
@@ -462,7 +472,7 @@ def _environment() -> dict:
     m = machine_info()
     return {"jax": m["jax"], "backend": m["backend"], "device_kind": m["device_kind"],
             "cpu_count": m["cpu_count"], "processor": m["processor"],
-            "commit": _git("rev-parse", "HEAD") or None,
+            "commit": _git("rev-parse", "HEAD") or os.environ.get(ENV_COMMIT) or None,
             "dirty": bool(_git("status", "--porcelain", "--", "kipnb", "notebooks", "repro"))}
 
 
@@ -573,6 +583,59 @@ def refresh_results(spec: Spec | str | os.PathLike,
         doc["pivot"] = spec.pivot
     _write_results(doc, json_path)
     return doc
+
+
+def merge_results(other: str | os.PathLike | Mapping,
+                  results_dir: str | os.PathLike = RESULTS_DIR,
+                  spec: Spec | str | os.PathLike | None = None) -> list[str]:
+    """Take the rows that ran elsewhere into ``results/SPEC.{json,md}``.
+
+    ``other`` is a ``results/SPEC.json`` written on another machine (an accelerator row on
+    a GPU, say). Each of its rows that ran there (status ``ok`` or ``reused``, with the
+    machine's environment) replaces this file's row of the same name, provided its
+    experiment (notebook or script, parameters, metric, seeds) is the spec's current one;
+    the spec's current published figure and notes are kept, as by :func:`refresh_results`.
+
+    Args:
+        other: the other machine's ``SPEC.json`` (a path or the parsed document).
+        results_dir: this checkout's ``results/``.
+        spec: the spec (default: the one the document names, in ``repro/``).
+
+    Returns:
+        The names of the rows taken over.
+
+    Raises:
+        SpecError: when the document names no spec of ``repro/``.
+
+    Example:
+        >>> merge_results("elsewhere/results/ls_fashion.json")  # doctest: +SKIP
+        ['ls_conv_ipc1']
+    """
+    doc = other if isinstance(other, Mapping) else json.loads(Path(other).read_text())
+    if not doc.get("spec"):
+        raise SpecError(f"{other}: not a results/SPEC.json document (no 'spec').")
+    if not isinstance(spec, Spec):
+        spec = load_spec(find_spec(spec or doc["spec"]))
+    if spec.name != doc["spec"]:
+        raise SpecError(f"{other}: rows of spec {doc['spec']!r}, not of {spec.name!r}.")
+    theirs = {r["name"]: r for r in doc.get("rows", [])
+              if r.get("status") in ("ok", "reused") and r.get("environment")}
+    json_path = Path(results_dir) / f"{spec.name}.json"
+    mine = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    previous = {r["name"]: r for r in mine.get("rows", [])}
+    taken = [r.name for r in spec.rows if r.name in theirs
+             and _refreshed(r, theirs[r.name]).get("environment")]
+    rows = [_refreshed(r, theirs[r.name] if r.name in taken else previous.get(r.name))
+            for r in spec.rows]
+    out = {**mine, "spec": spec.name, "title": spec.title, "description": spec.description,
+           "rows": rows}
+    if taken:
+        out["updated_at"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    out.pop("pivot", None)
+    if spec.pivot:
+        out["pivot"] = spec.pivot
+    _write_results(out, json_path)
+    return taken
 
 
 def _write_results(doc: Mapping, json_path: Path) -> None:
@@ -964,6 +1027,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "published figures and notes (runs nothing)")
     rf.add_argument("spec", nargs="*", help="spec names (default: every spec with results)")
     rf.add_argument("--results", default=str(RESULTS_DIR))
+    mg = sub.add_parser("merge", help="take rows that ran on another machine (its "
+                                      "results/SPEC.json files) into results/")
+    mg.add_argument("files", nargs="+", help="results/SPEC.json files written elsewhere")
+    mg.add_argument("--results", default=str(RESULTS_DIR))
     sub.add_parser("list", help="the specs and their rows")
     a = ap.parse_args(argv)
     try:
@@ -974,6 +1041,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if stale:
                 print(("differs from results/: " if a.check else "rewrote: ") + ", ".join(stale))
             return 1 if (a.check and stale) else 0
+        if a.cmd == "merge":
+            for f in a.files:
+                taken = merge_results(f, a.results)
+                print(f"{f}: took {', '.join(taken) if taken else 'no row'}")
+            return 0
         if a.cmd == "refresh":
             names = a.spec or sorted(p.stem for p in SPEC_DIR.glob("*.yaml")
                                      if (Path(a.results) / f"{p.stem}.json").is_file())

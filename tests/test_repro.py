@@ -366,3 +366,31 @@ def test_repro_out_placeholder_follows_the_output_directory(tmp_path):
     (test,) = doctest.DocTestFinder().find(repro.expand_repro_out, "expand_repro_out",
                                            globs={"expand_repro_out": repro.expand_repro_out})
     assert doctest.DocTestRunner().run(test).failed == 0
+
+
+def test_merge_takes_rows_that_ran_elsewhere(fake, tmp_path, monkeypatch):
+    spec_path, nb_dir, counter = fake
+    log = dict(log=lambda *a, **k: None, notebook_dir=nb_dir)
+    home, away = tmp_path / "home", tmp_path / "away"
+    repro.run_spec(spec_path, output=tmp_path / "b1", results_dir=home, **log)
+    # the other machine: a copy without git, which records the commit from $KIPNB_COMMIT
+    monkeypatch.setattr(repro, "_git", lambda *a, **k: "")
+    monkeypatch.setenv(repro.ENV_COMMIT, "c0ffee")
+    repro.run_spec(spec_path, rows=["big"], output=tmp_path / "b2", results_dir=away, **log)
+    away_doc = json.loads((away / "fake.json").read_text())
+    assert [r["status"] for r in away_doc["rows"]] == ["not yet run", "not yet run", "ok"]
+    assert away_doc["rows"][2]["environment"]["commit"] == "c0ffee"
+
+    assert repro.merge_results(away / "fake.json", home, spec=spec_path) == ["big"]
+    rows = {r["name"]: r for r in json.loads((home / "fake.json").read_text())["rows"]}
+    assert rows["big"]["status"] == "ok" and rows["big"]["mean"] == pytest.approx(5.0)  # X = 5, no scale
+    assert rows["big"]["environment"]["commit"] == "c0ffee"
+    assert rows["a"]["mean"] == pytest.approx(105.0)  # home's own rows are kept
+    assert "| big | **5.0** |" in (home / "fake.md").read_text()
+
+    # a row whose experiment is no longer the spec's is not taken; nor another spec's rows
+    spec = repro.load_spec(spec_path)
+    spec.rows[2].parameters["X"] = 6
+    assert repro.merge_results(away / "fake.json", tmp_path / "h2", spec=spec) == []
+    with pytest.raises(repro.SpecError, match="rows of spec 'other', not of 'fake'"):
+        repro.merge_results({**away_doc, "spec": "other"}, home, spec=spec_path)
