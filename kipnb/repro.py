@@ -39,9 +39,10 @@ are kept when a later call runs only some rows.
 
 Rows run on another machine (the accelerator rows on a GPU or TPU) come back with that
 machine's ``results/SPEC.json``: ``python -m kipnb.repro merge FILE ...`` takes each of its
-rows that ran there into this ``results/SPEC.json`` (:func:`merge_results`), when the row's
-experiment is still the spec's. A copy of the tree without its git repository records the
-commit named by ``$KIPNB_COMMIT``. ``scripts/accelerator_rows.sh`` runs a list of rows
+accelerator rows that ran there (or the rows named with ``--rows``) into this
+``results/SPEC.json`` (:func:`merge_results`), when the row's experiment is still the
+spec's. A copy of the tree whose git metadata is missing or stale records the commit named
+by ``$KIPNB_COMMIT``. ``scripts/accelerator_rows.sh`` runs a list of rows
 within a time budget on such a machine.
 """
 
@@ -98,7 +99,8 @@ _PUBLISHED_KEYS = {"value", "source", "comparable", "verified", "why", "where"}
 _SOURCE_KEYS = {"paper", "table", "network"}
 _RUN_HASH = re.compile(r"-[0-9a-f]{8,}$")
 _SELECT = re.compile(r"^(?P<name>[^\[\]]+)\[(?P<conds>[^\]]+)\]$")
-#: The commit to record where the tree has no git repository (a copy sent to a GPU machine).
+#: The commit to record instead of git's (a copy of the tree sent to a GPU machine, whose
+#: git metadata is missing or older than the tree).
 ENV_COMMIT = "KIPNB_COMMIT"
 
 
@@ -330,12 +332,16 @@ def code_version(paths: Sequence[str | os.PathLike]) -> dict:
 
     Returns:
         ``{"kipnb": version, "commit": sha of the last commit touching paths,
-        "dirty": sha256 of the uncommitted diff of paths or None}``.
+        "dirty": sha256 of the uncommitted diff of paths or None}``; where
+        ``$KIPNB_COMMIT`` is set (a copy of the tree sent to another machine, whose git
+        metadata is missing or stale), that commit, and ``dirty`` None.
     """
     from kipnb import __version__
 
+    if os.environ.get(ENV_COMMIT):  # a copy whose git metadata is missing or stale
+        return {"kipnb": __version__, "commit": os.environ[ENV_COMMIT], "dirty": None}
     rel = [os.path.relpath(Path(p).resolve(), ROOT) for p in paths]
-    commit = _git("log", "-1", "--format=%H", "--", *rel) or os.environ.get(ENV_COMMIT) or None
+    commit = _git("log", "-1", "--format=%H", "--", *rel) or None
     diff = _git("diff", "HEAD", "--", *rel)
     untracked = _git("ls-files", "--others", "--exclude-standard", "--", *rel)
     extra = "".join(Path(ROOT, f).read_text(errors="replace") for f in untracked.split() if f)
@@ -472,8 +478,10 @@ def _environment() -> dict:
     m = machine_info()
     return {"jax": m["jax"], "backend": m["backend"], "device_kind": m["device_kind"],
             "cpu_count": m["cpu_count"], "processor": m["processor"],
-            "commit": _git("rev-parse", "HEAD") or os.environ.get(ENV_COMMIT) or None,
-            "dirty": bool(_git("status", "--porcelain", "--", "kipnb", "notebooks", "repro"))}
+            "commit": os.environ.get(ENV_COMMIT) or _git("rev-parse", "HEAD") or None,
+            "dirty": (not os.environ.get(ENV_COMMIT)
+                      and bool(_git("status", "--porcelain", "--", "kipnb", "notebooks",
+                                    "repro")))}
 
 
 def run_spec(
@@ -587,19 +595,23 @@ def refresh_results(spec: Spec | str | os.PathLike,
 
 def merge_results(other: str | os.PathLike | Mapping,
                   results_dir: str | os.PathLike = RESULTS_DIR,
-                  spec: Spec | str | os.PathLike | None = None) -> list[str]:
-    """Take the rows that ran elsewhere into ``results/SPEC.{json,md}``.
+                  spec: Spec | str | os.PathLike | None = None,
+                  rows: Sequence[str] | None = None) -> list[str]:
+    """Take rows that ran elsewhere into ``results/SPEC.{json,md}``.
 
-    ``other`` is a ``results/SPEC.json`` written on another machine (an accelerator row on
-    a GPU, say). Each of its rows that ran there (status ``ok`` or ``reused``, with the
-    machine's environment) replaces this file's row of the same name, provided its
-    experiment (notebook or script, parameters, metric, seeds) is the spec's current one;
-    the spec's current published figure and notes are kept, as by :func:`refresh_results`.
+    ``other`` is a ``results/SPEC.json`` written on another machine (the accelerator rows
+    run on a GPU, say). Its ``accelerator`` rows that have a result there (or the rows
+    named in ``rows``, any hardware) replace this file's rows of the same names, provided
+    each row's experiment (notebook or script, parameters, metric, seeds) is the spec's
+    current one; the spec's current published figure and notes are kept, as by
+    :func:`refresh_results`. (By default the other file's cpu rows are left alone: they
+    are only the copies it was sent with.)
 
     Args:
         other: the other machine's ``SPEC.json`` (a path or the parsed document).
         results_dir: this checkout's ``results/``.
         spec: the spec (default: the one the document names, in ``repro/``).
+        rows: the row names to take (default: every accelerator row with a result).
 
     Returns:
         The names of the rows taken over.
@@ -618,8 +630,10 @@ def merge_results(other: str | os.PathLike | Mapping,
         spec = load_spec(find_spec(spec or doc["spec"]))
     if spec.name != doc["spec"]:
         raise SpecError(f"{other}: rows of spec {doc['spec']!r}, not of {spec.name!r}.")
+    wanted = (lambda r: r["name"] in rows) if rows is not None else (
+        lambda r: r.get("hardware") == "accelerator")
     theirs = {r["name"]: r for r in doc.get("rows", [])
-              if r.get("status") in ("ok", "reused") and r.get("environment")}
+              if r.get("status") in ("ok", "reused") and r.get("environment") and wanted(r)}
     json_path = Path(results_dir) / f"{spec.name}.json"
     mine = json.loads(json_path.read_text()) if json_path.is_file() else {}
     previous = {r["name"]: r for r in mine.get("rows", [])}
@@ -759,7 +773,8 @@ def render_markdown(doc: Mapping) -> str:
     """The Markdown table of a ``results/SPEC.json`` document (what README shows).
 
     Columns: row, ours (mean ± std over seeds), published (with its source; † not
-    comparable, ? not verified in the paper's text), gap, hardware, wall time, JAX, commit.
+    comparable, ? not verified in the paper's text), gap, hardware (with the accelerator
+    an accelerator row ran on), wall time, JAX, commit.
     A spec with ``pivot`` (the cross-method table) shows ours as a matrix instead, then
     the rows that do not fit it in the usual table.
     """
@@ -787,6 +802,8 @@ def render_markdown(doc: Mapping) -> str:
         wall = "–" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.0f} s"
         hw = r["hardware"] + (f" (~{r['minutes_estimated']:g} min)" if r.get("minutes_estimated")
                               else "")
+        if env.get("backend") not in (None, "cpu") and env.get("device_kind"):
+            hw += f", {env['device_kind']}"  # where an accelerator row ran
         commit = (env.get("commit") or "")[:8] + ("+" if env.get("dirty") else "")
         lines.append(f"| {r['name']} | {ours} | {published} | {_fmt(r.get('gap'))} | {hw} | "
                      f"{wall} | {env.get('jax') or '–'} | {commit or '–'} |")
@@ -1030,6 +1047,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mg = sub.add_parser("merge", help="take rows that ran on another machine (its "
                                       "results/SPEC.json files) into results/")
     mg.add_argument("files", nargs="+", help="results/SPEC.json files written elsewhere")
+    mg.add_argument("--rows", nargs="+", default=None,
+                    help="the rows to take (default: every accelerator row with a result)")
     mg.add_argument("--results", default=str(RESULTS_DIR))
     sub.add_parser("list", help="the specs and their rows")
     a = ap.parse_args(argv)
@@ -1043,7 +1062,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1 if (a.check and stale) else 0
         if a.cmd == "merge":
             for f in a.files:
-                taken = merge_results(f, a.results)
+                taken = merge_results(f, a.results, rows=a.rows)
                 print(f"{f}: took {', '.join(taken) if taken else 'no row'}")
             return 0
         if a.cmd == "refresh":

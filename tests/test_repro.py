@@ -373,20 +373,28 @@ def test_merge_takes_rows_that_ran_elsewhere(fake, tmp_path, monkeypatch):
     log = dict(log=lambda *a, **k: None, notebook_dir=nb_dir)
     home, away = tmp_path / "home", tmp_path / "away"
     repro.run_spec(spec_path, output=tmp_path / "b1", results_dir=home, **log)
-    # the other machine: a copy without git, which records the commit from $KIPNB_COMMIT
-    monkeypatch.setattr(repro, "_git", lambda *a, **k: "")
+    # the other machine: a copy sent with stale git metadata records $KIPNB_COMMIT instead
     monkeypatch.setenv(repro.ENV_COMMIT, "c0ffee")
-    repro.run_spec(spec_path, rows=["big"], output=tmp_path / "b2", results_dir=away, **log)
+    assert repro.code_version([repro.ROOT / "kipnb"])["commit"] == "c0ffee"
+    repro.run_spec(spec_path, rows=["a", "big"], output=tmp_path / "b2", results_dir=away,
+                   **log)
     away_doc = json.loads((away / "fake.json").read_text())
-    assert [r["status"] for r in away_doc["rows"]] == ["not yet run", "not yet run", "ok"]
+    assert [r["status"] for r in away_doc["rows"]] == ["ok", "not yet run", "ok"]
     assert away_doc["rows"][2]["environment"]["commit"] == "c0ffee"
+    assert away_doc["rows"][2]["environment"]["dirty"] is False
 
+    home_a = json.loads((home / "fake.json").read_text())["rows"][0]
+    # by default only the accelerator rows come over; home's cpu rows are kept
     assert repro.merge_results(away / "fake.json", home, spec=spec_path) == ["big"]
     rows = {r["name"]: r for r in json.loads((home / "fake.json").read_text())["rows"]}
-    assert rows["big"]["status"] == "ok" and rows["big"]["mean"] == pytest.approx(5.0)  # X = 5, no scale
+    assert rows["big"]["status"] == "ok" and rows["big"]["mean"] == pytest.approx(5.0)  # X = 5
     assert rows["big"]["environment"]["commit"] == "c0ffee"
-    assert rows["a"]["mean"] == pytest.approx(105.0)  # home's own rows are kept
+    assert rows["a"] == home_a
     assert "| big | **5.0** |" in (home / "fake.md").read_text()
+    # named rows come over whatever their hardware
+    assert repro.merge_results(away / "fake.json", home, spec=spec_path, rows=["a"]) == ["a"]
+    a = json.loads((home / "fake.json").read_text())["rows"][0]
+    assert a["environment"]["commit"] == "c0ffee" and a["mean"] == pytest.approx(105.0)
 
     # a row whose experiment is no longer the spec's is not taken; nor another spec's rows
     spec = repro.load_spec(spec_path)
