@@ -342,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rows", nargs="+", default=[], help="with --repro: only these rows")
     ap.add_argument("--profile", choices=("cpu", "accelerator"), default="cpu",
                     help="with --repro: the rows of this hardware class (default cpu)")
+    ap.add_argument("--results", default=None,
+                    help="with --repro: where SPEC.json and SPEC.md go (default results/)")
     args = ap.parse_args(argv)
     if args.repro:
         from kipnb import repro
@@ -349,7 +351,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         nd_repro = Path(args.notebook_dir) if args.notebook_dir else None
         try:
             return repro.run_cli(args.repro, args.rows, args.profile,
-                                 args.output or "build/repro", keep_going=args.keep_going,
+                                 args.output or "build/repro",
+                                 results_dir=args.results or repro.RESULTS_DIR,
+                                 keep_going=args.keep_going,
                                  notebook_dir=nd_repro,
                                  timeout=args.timeout)
         except repro.SpecError as e:

@@ -12,7 +12,8 @@
 # set, runs (to copy results off a machine that may be taken back). Bring the results
 # home with `python -m kipnb.repro merge results/SPEC.json ...` in your checkout.
 #
-# Environment: PYTHON (default python3). Set here: MPLBACKEND=agg, and
+# Environment: PYTHON (default python3); RUN_ARGS, more arguments for kipnb.run (such as
+# "--results DIR --notebook-dir DIR", split on spaces). Set here: MPLBACKEND=agg, and
 # XLA_PYTHON_CLIENT_PREALLOCATE=false, because the runner and each notebook's kernel are
 # separate processes that would otherwise each claim 75 % of the accelerator's memory.
 #
@@ -47,7 +48,7 @@ for item in "$@"; do
   echo "[accelerator_rows] $item: start (${left} s left)"
   t0=$(date +%s)
   timeout --signal=INT --kill-after=20 "$left" \
-    "$py" -m kipnb.run --repro "$spec" --rows "$row" -o "$out" --keep-going
+    "$py" -m kipnb.run --repro "$spec" --rows "$row" -o "$out" --keep-going ${RUN_ARGS:-}
   rc=$?
   [ "$rc" -eq 0 ] || failed=1
   echo "[accelerator_rows] $item: exit $rc in $(($(date +%s) - t0)) s" \

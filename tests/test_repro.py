@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -402,3 +405,27 @@ def test_merge_takes_rows_that_ran_elsewhere(fake, tmp_path, monkeypatch):
     assert repro.merge_results(away / "fake.json", tmp_path / "h2", spec=spec) == []
     with pytest.raises(repro.SpecError, match="rows of spec 'other', not of 'fake'"):
         repro.merge_results({**away_doc, "spec": "other"}, home, spec=spec_path)
+
+
+def test_accelerator_rows_script(fake, tmp_path):
+    """scripts/accelerator_rows.sh: rows one by one, failures reported, the budget kept."""
+    spec_path, nb_dir, counter = fake
+    res, after = tmp_path / "res", tmp_path / "after.txt"
+    env = {**os.environ, "PYTHON": sys.executable, "AFTER_ROW": f"echo row >> {after}",
+           "RUN_ARGS": f"--notebook-dir {nb_dir} --results {res}"}
+    script = str(ROOT / "scripts" / "accelerator_rows.sh")
+    proc = subprocess.run(["bash", script, "300", str(tmp_path / "out"), f"{spec_path}/big",
+                           f"{spec_path}/nosuch", "not-a-row"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "big: exit 0" in proc.stdout and "nosuch: exit 2" in proc.stdout
+    assert "not-a-row: not SPEC/ROW" in proc.stderr
+    rows = {r["name"]: r for r in json.loads((res / "fake.json").read_text())["rows"]}
+    assert rows["big"]["status"] == "ok" and rows["big"]["mean"] == pytest.approx(5.0)
+    assert after.read_text() == "row\nrow\n" and counter.read_text() == "x"
+    # no budget left: nothing starts
+    proc = subprocess.run(["bash", script, "10", str(tmp_path / "out"), f"{spec_path}/a"],
+                          env={**env, "MIN_LEFT": "20"}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "a: not started, 10 s of the budget left" in proc.stdout
+    assert counter.read_text() == "x"
