@@ -29,7 +29,7 @@ $(NTENV)/bin/python:        # neural-tangents 0.6.5 in its own pinned environmen
 ntenv: $(NTENV)/bin/python  ## the pinned neural-tangents 0.6.5 environment in build/ntenv
 
 REPRO_OUT ?= build/repro
-repro: $(STAMP) data $(NTENV)/bin/python ## every cpu row of every repro/ spec (about 2 h on 2 cores; reruns reuse) -> results/
+repro: $(STAMP) data $(NTENV)/bin/python ## every cpu row of every repro/ spec (1-2 h on 2 cores by host: 61 and 127 min measured; reruns reuse) -> results/
 	MPLBACKEND=agg $(BIN)/python -m kipnb.run --repro all --profile cpu -o $(REPRO_OUT) --keep-going
 	$(BIN)/python -m kipnb.repro readme
 
