@@ -874,3 +874,58 @@ def test_convnet_kernel_gradient_finite_for_nearly_identical_pairs():
         g = jax.grad(lambda a, x2=x2: jnp.sum(jnp.sin(kfn(jnp.asarray(x2), a, "ntk"))))(
             jnp.asarray(x1))
         assert np.isfinite(np.asarray(g)).all(), scale
+
+
+@pytest.mark.parametrize("n,r", [(5, 0), (7, 2), (9, 3), (2, 0)])
+def test_band_storage_helpers_match_their_definitions(n, r):
+    """_to_band / _to_full / _diag / _at_q are reshapes and slices (no gather, so their
+    gradients have no scatter-add); their values equal the index definitions."""
+    with jax.enable_x64(True):
+        _check_band_storage(n, r)
+
+
+def _check_band_storage(n, r):
+    rng = np.random.default_rng(n + r)
+    full = rng.standard_normal((2, n, n, 3))  # (N, p, q, rest)
+    dim_full, dim_band = stax._Dim(n, True, n - 1), stax._Dim(n, False, r)
+    band = np.asarray(stax._to_band(jnp.asarray(full), 1, dim_full, r))
+    p, j = np.meshgrid(np.arange(n), np.arange(2 * r + 1), indexing="ij")
+    q = p + j - r
+    want = np.where(((q >= 0) & (q < n))[None, :, :, None],
+                    full[:, p, np.clip(q, 0, n - 1)], 0.0)
+    np.testing.assert_array_equal(band, want)
+    back = np.asarray(stax._to_full(jnp.asarray(band), 1, dim_band))
+    pp, qq = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    np.testing.assert_array_equal(back, np.where((abs(pp - qq) <= r)[None, :, :, None], full, 0.0))
+    np.testing.assert_array_equal(np.asarray(stax._diag(jnp.asarray(full), [dim_full])),
+                                  full[:, np.arange(n), np.arange(n)])
+    v = rng.standard_normal((2, n))
+    vq = np.asarray(stax._at_q(jnp.asarray(v), [dim_band]))
+    np.testing.assert_array_equal(vq, np.where((q >= 0) & (q < n), v[:, np.clip(q, 0, n - 1)], 0.0))
+
+
+@pytest.mark.parametrize("a_shape,b_shape,target", [
+    ((4, 3, 5, 1, 6, 1), (1, 3, 5, 1, 6, 1), (4, 1, 5, 1, 6, 1)),  # a cross pass's k11
+    ((4, 3, 5, 1, 6, 1), (4, 1, 5, 1, 6, 1), (1, 3, 5, 1, 6, 1)),  # ... and k22
+    ((4, 5, 3, 6, 3), (4, 5, 3, 6, 3), (4, 5, 1, 6, 1)),  # a self pass's band axes
+    ((4, 3, 5, 5), (4, 1, 5, 1), (1, 3, 1, 5)),  # full dimensions
+    ((4, 3), (4, 3), (4, 3)),  # nothing to reduce
+])
+def test_mul_sum_to_and_its_vjp(a_shape, b_shape, target):
+    with jax.enable_x64(True):
+        _check_mul_sum_to(a_shape, b_shape, target)
+
+
+def _check_mul_sum_to(a_shape, b_shape, target):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(a_shape), rng.standard_normal(b_shape)
+    prod = a * b
+    axes = tuple(i for i, n in enumerate(target) if n == 1 and prod.shape[i] != 1)
+    want = prod.sum(axis=axes, keepdims=True)
+    got = np.asarray(stax._mul_sum_to(jnp.asarray(a), jnp.asarray(b), target))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    x, y = rng.standard_normal((3, 1, 4)), rng.standard_normal((1, 5, 4))
+    gx, gy = jax.grad(lambda x, y: jnp.sum(jnp.sin(stax._bmul(x, y))), (0, 1))(x, y)
+    rx, ry = jax.grad(lambda x, y: jnp.sum(jnp.sin(x * y)), (0, 1))(x, y)
+    np.testing.assert_allclose(gx, rx, rtol=1e-12)
+    np.testing.assert_allclose(gy, ry, rtol=1e-12)

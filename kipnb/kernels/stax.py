@@ -415,24 +415,44 @@ def _pad_axes(x, axes: Sequence[int], lo: int, hi: int):
     return jnp.pad(x, widths)
 
 
+def _skew(x, ap: int, row: int, start: int, width: int):
+    """``out[p, j] = x[p, start + p * (row - L) + j]`` over axes ``ap, ap+1`` by reshapes.
+
+    ``x`` has axes ``(n, L)`` at ``ap, ap+1``; the two axes are flattened, padded or cut so
+    that rows of length ``row`` start ``row`` apart from offset ``start``, and the first
+    ``width`` entries of each row are kept. Only reshape, pad and slice: no gather, so the
+    gradient has no scatter-add (XLA's CPU scatter is a slow serial loop).
+    """
+    n, length = x.shape[ap], x.shape[ap + 1]
+    flat = x.reshape(x.shape[:ap] + (n * length,) + x.shape[ap + 2:])
+    need = start + n * row
+    if need > n * length:
+        flat = _pad_axes_hi(flat, ap, need - n * length)
+    flat = lax.slice_in_dim(flat, start, need, axis=ap)
+    out = flat.reshape(x.shape[:ap] + (n, row) + x.shape[ap + 2:])
+    return lax.slice_in_dim(out, 0, width, axis=ap + 1)
+
+
+def _pad_axes_hi(x, axis: int, hi: int):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, hi)
+    return jnp.pad(x, widths)
+
+
 def _to_band(x, ap: int, dim: _Dim, r: int):
     """Full ``(p, q)`` axes at ``ap, ap+1`` -> band of radius ``r``."""
     n = dim.size
-    xp = _pad_axes(x, [ap + 1], r, r)
-    xp = jnp.moveaxis(xp, (ap, ap + 1), (-2, -1))
-    p = np.arange(n)[:, None]
-    q = p + np.arange(2 * r + 1)[None, :]  # padded coordinates
-    return jnp.moveaxis(xp[..., p, q], (-2, -1), (ap, ap + 1))
+    xp = _pad_axes(x, [ap + 1], r, r)  # (p, q + r): band entry j is xp[p, p + j]
+    return _skew(xp, ap, n + 2 * r + 1, 0, 2 * r + 1)
 
 
 def _to_full(x, ap: int, dim: _Dim):
     """Band axes at ``ap, ap+1`` -> full ``(p, q)``; offsets beyond the band become 0."""
     n, r = dim.size, dim.r
-    xp = _pad_axes(x, [ap + 1], n - 1 - r, n - 1 - r)  # radius n - 1
-    xp = jnp.moveaxis(xp, (ap, ap + 1), (-2, -1))
-    p = np.arange(n)[:, None]
-    j = np.arange(n)[None, :] - p + n - 1
-    return jnp.moveaxis(xp[..., p, j], (-2, -1), (ap, ap + 1))
+    if n == 1:
+        return x
+    xp = _pad_axes(x, [ap + 1], n - 1 - r, n - 1 - r)  # radius n - 1: (p, q - p + n - 1)
+    return _skew(xp, ap, 2 * n - 2, n - 1, n)
 
 
 def _retarget(k: _K, targets: Sequence[_Dim]) -> _K:
@@ -462,8 +482,10 @@ def _diag(cov, dims: Sequence[_Dim]):
     """Per-pixel variances ``(N, P0, P1, ...)`` of a self-covariance ``(N, P0, M0, ...)``."""
     for i in reversed(range(len(dims))):
         ap, d = 1 + 2 * i, dims[i]
-        if d.full:
-            cov = jnp.moveaxis(jnp.diagonal(cov, axis1=ap, axis2=ap + 1), -1, ap)
+        if d.full:  # the diagonal by a strided slice of the flattened (p, q) axes
+            n = d.size
+            flat = cov.reshape(cov.shape[:ap] + (n * n,) + cov.shape[ap + 2:])
+            cov = _strided(flat, ap, 0, n, n + 1)
         else:
             cov = lax.index_in_dim(cov, d.r, axis=ap + 1, keepdims=False)
     return cov
@@ -487,9 +509,11 @@ def _at_q(v, dims: Sequence[_Dim]):
         if d.full:
             v = jnp.expand_dims(v, ax)
         else:
+            # (p, j) -> vp[p + j], as m shifted slices (a gather's gradient would be a
+            # scatter-add, a slow serial loop on CPU; slices transpose to pads)
             vp = _pad_axes(v, [ax], d.r, d.r)
-            idx = np.arange(d.size)[:, None] + np.arange(d.m)[None, :]
-            v = jnp.take(vp, idx, axis=ax)
+            v = jnp.stack([lax.slice_in_dim(vp, j, j + d.size, axis=ax) for j in range(d.m)],
+                          axis=ax + 1)
     return v
 
 
@@ -508,9 +532,10 @@ def _input_covariance(xa, xbq, dims: Sequence[_Dim], nb: int):
     if nb == 2:
         xa, xbq = xa[:, None], xbq[None]
     if n_ch <= 16:  # one fused multiply-add pass; a dot would be tiny and batched per pixel
-        out = xa[..., 0] * xbq[..., 0]
+        mul = _bmul if nb == 2 else jnp.multiply  # nb == 2 broadcasts: see _mul_sum_to
+        out = mul(xa[..., 0], xbq[..., 0])
         for c in range(1, n_ch):
-            out = out + xa[..., c] * xbq[..., c]
+            out = out + mul(xa[..., c], xbq[..., c])
     else:
         out = jnp.einsum("...c,...c->...", xa, xbq, precision=HIGHEST)
     return out / n_ch
@@ -1095,12 +1120,46 @@ class _ABRelu(_Elementwise):
         return _arccos_cross(k12, k11, k22, self.a, self.b, float(ulps), bool(want_dot))
 
 
-def _sum_to(x, shape):
-    """Sums the broadcast axes of ``x`` away so that it has ``shape`` (a VJP's reduction)."""
-    lead = x.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(
-        lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1)
-    return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x
+def _mul_sum_to(a, b, shape):
+    """``sum(a * b)`` over the axes broadcast away in ``shape``, as one ``dot_general``.
+
+    The gradient of a broadcast variance (``k11`` of shape ``(N1, 1, ...)`` against the
+    pair axes ``(N1, N2, ...)``). Written as an einsum (pixels as batch axes, the
+    broadcast pair axis contracted) rather than a multiply followed by ``sum``: XLA's CPU
+    backend (jaxlib 0.10) hands such reductions to its YNNPACK reduce, which on the 2-core
+    test machine took ~10 ms in float32 (2 ms in float64) for 784k entries where the
+    einsum takes under 1 ms; it made the 'Conv' KIP step's float32 gradient slower than
+    its float64 one.
+    """
+    nd = a.ndim
+    shape = (1,) * (nd - len(shape)) + tuple(shape)
+    b = jnp.reshape(b, (1,) * (nd - jnp.ndim(b)) + tuple(jnp.shape(b)))
+    reduced = [i for i in range(nd) if shape[i] == 1 and a.shape[i] != 1]
+    if not reduced:
+        return (a * b).reshape(shape)
+    out_axes = [i for i in range(nd) if i not in reduced]
+    b_axes = [i for i in range(nd) if b.shape[i] != 1]
+    b_sq = b.reshape(tuple(b.shape[i] for i in b_axes))
+    out = jnp.einsum(a, list(range(nd)), b_sq, b_axes, out_axes, precision=HIGHEST)
+    return out.reshape(shape)
+
+
+@jax.custom_vjp
+def _bmul(a, b):
+    """``a * b`` with broadcasting whose VJP reduces by :func:`_mul_sum_to`."""
+    return a * b
+
+
+def _bmul_fwd(a, b):
+    return a * b, (a, b)
+
+
+def _bmul_bwd(res, g):
+    a, b = res
+    return _mul_sum_to(g, b, jnp.shape(a)), _mul_sum_to(g, a, jnp.shape(b))
+
+
+_bmul.defvjp(_bmul_fwd, _bmul_bwd)
 
 
 def _arccos_parts(k12, k11, k22, ulps):
@@ -1155,7 +1214,8 @@ def _arccos_cross_bwd(a, b, ulps, want_dot, res, cts):
     positive = root * root > _TINY  # _safe_sqrt's JVP: derivative 0 at the boundary
     g_gap = jnp.where(positive, g_root / (2.0 * jnp.where(positive, root, 1.0)), 0.0)
     g_k12 = g_nngp * dot - g_angle * root / denom - 2.0 * k12 * g_gap
-    return (g_k12, _sum_to(g_gap * k22, jnp.shape(k11)), _sum_to(g_gap * k11, jnp.shape(k22)))
+    return (g_k12, _mul_sum_to(g_gap, k22, jnp.shape(k11)),
+            _mul_sum_to(g_gap, k11, jnp.shape(k22)))
 
 
 _arccos_cross.defvjp(_arccos_cross_fwd, _arccos_cross_bwd)
