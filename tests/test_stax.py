@@ -878,8 +878,8 @@ def test_convnet_kernel_gradient_finite_for_nearly_identical_pairs():
 
 @pytest.mark.parametrize("n,r", [(5, 0), (7, 2), (9, 3), (2, 0)])
 def test_band_storage_helpers_match_their_definitions(n, r):
-    """_to_band / _to_full / _diag / _at_q are reshapes and slices (no gather, so their
-    gradients have no scatter-add); their values equal the index definitions."""
+    """_to_band / _to_full / _diag / _at_q (gathers, and for radius 0 a reshape) equal
+    their index definitions."""
     with jax.enable_x64(True):
         _check_band_storage(n, r)
 

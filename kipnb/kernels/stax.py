@@ -415,44 +415,24 @@ def _pad_axes(x, axes: Sequence[int], lo: int, hi: int):
     return jnp.pad(x, widths)
 
 
-def _skew(x, ap: int, row: int, start: int, width: int):
-    """``out[p, j] = x[p, start + p * (row - L) + j]`` over axes ``ap, ap+1`` by reshapes.
-
-    ``x`` has axes ``(n, L)`` at ``ap, ap+1``; the two axes are flattened, padded or cut so
-    that rows of length ``row`` start ``row`` apart from offset ``start``, and the first
-    ``width`` entries of each row are kept. Only reshape, pad and slice: no gather, so the
-    gradient has no scatter-add (XLA's CPU scatter is a slow serial loop).
-    """
-    n, length = x.shape[ap], x.shape[ap + 1]
-    flat = x.reshape(x.shape[:ap] + (n * length,) + x.shape[ap + 2:])
-    need = start + n * row
-    if need > n * length:
-        flat = _pad_axes_hi(flat, ap, need - n * length)
-    flat = lax.slice_in_dim(flat, start, need, axis=ap)
-    out = flat.reshape(x.shape[:ap] + (n, row) + x.shape[ap + 2:])
-    return lax.slice_in_dim(out, 0, width, axis=ap + 1)
-
-
-def _pad_axes_hi(x, axis: int, hi: int):
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, hi)
-    return jnp.pad(x, widths)
-
-
 def _to_band(x, ap: int, dim: _Dim, r: int):
     """Full ``(p, q)`` axes at ``ap, ap+1`` -> band of radius ``r``."""
     n = dim.size
-    xp = _pad_axes(x, [ap + 1], r, r)  # (p, q + r): band entry j is xp[p, p + j]
-    return _skew(xp, ap, n + 2 * r + 1, 0, 2 * r + 1)
+    xp = _pad_axes(x, [ap + 1], r, r)
+    xp = jnp.moveaxis(xp, (ap, ap + 1), (-2, -1))
+    p = np.arange(n)[:, None]
+    q = p + np.arange(2 * r + 1)[None, :]  # padded coordinates
+    return jnp.moveaxis(xp[..., p, q], (-2, -1), (ap, ap + 1))
 
 
 def _to_full(x, ap: int, dim: _Dim):
     """Band axes at ``ap, ap+1`` -> full ``(p, q)``; offsets beyond the band become 0."""
     n, r = dim.size, dim.r
-    if n == 1:
-        return x
-    xp = _pad_axes(x, [ap + 1], n - 1 - r, n - 1 - r)  # radius n - 1: (p, q - p + n - 1)
-    return _skew(xp, ap, 2 * n - 2, n - 1, n)
+    xp = _pad_axes(x, [ap + 1], n - 1 - r, n - 1 - r)  # radius n - 1
+    xp = jnp.moveaxis(xp, (ap, ap + 1), (-2, -1))
+    p = np.arange(n)[:, None]
+    j = np.arange(n)[None, :] - p + n - 1
+    return jnp.moveaxis(xp[..., p, j], (-2, -1), (ap, ap + 1))
 
 
 def _retarget(k: _K, targets: Sequence[_Dim]) -> _K:
@@ -482,10 +462,8 @@ def _diag(cov, dims: Sequence[_Dim]):
     """Per-pixel variances ``(N, P0, P1, ...)`` of a self-covariance ``(N, P0, M0, ...)``."""
     for i in reversed(range(len(dims))):
         ap, d = 1 + 2 * i, dims[i]
-        if d.full:  # the diagonal by a strided slice of the flattened (p, q) axes
-            n = d.size
-            flat = cov.reshape(cov.shape[:ap] + (n * n,) + cov.shape[ap + 2:])
-            cov = _strided(flat, ap, 0, n, n + 1)
+        if d.full:
+            cov = jnp.moveaxis(jnp.diagonal(cov, axis1=ap, axis2=ap + 1), -1, ap)
         else:
             cov = lax.index_in_dim(cov, d.r, axis=ap + 1, keepdims=False)
     return cov
@@ -508,12 +486,14 @@ def _at_q(v, dims: Sequence[_Dim]):
         ax, d = 1 + i, dims[i]
         if d.full:
             v = jnp.expand_dims(v, ax)
+        elif d.r == 0:  # the partner is the pixel itself (Flatten readouts): no gather
+            v = jnp.expand_dims(v, ax + 1)
         else:
-            # (p, j) -> vp[p + j], as m shifted slices (a gather's gradient would be a
-            # scatter-add, a slow serial loop on CPU; slices transpose to pads)
+            # A gather (its gradient a scatter-add). Stacked shifted slices avoid the
+            # scatter but made the Myrtle-5 float32 gradient ~30 % slower (2026-12-06).
             vp = _pad_axes(v, [ax], d.r, d.r)
-            v = jnp.stack([lax.slice_in_dim(vp, j, j + d.size, axis=ax) for j in range(d.m)],
-                          axis=ax + 1)
+            idx = np.arange(d.size)[:, None] + np.arange(d.m)[None, :]
+            v = jnp.take(vp, idx, axis=ax)
     return v
 
 
