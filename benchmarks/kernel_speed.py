@@ -401,6 +401,59 @@ def rel_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return diff, diff / float(np.max(np.abs(b)))
 
 
+def _fmt_s(t: float) -> str:
+    return f"{t:.3f}" if t < 1 else f"{t:.2f}"
+
+
+def colab_markdown(report: dict) -> str:
+    """The colab rows of a ``report`` (this script's JSON) as a Markdown table.
+
+    One row per setting and dtype: both libraries' median seconds per call, the speed-up
+    (neural-tangents' time / kipnb's; above 1: kipnb faster) with each round's min-max
+    when the run had several ``--rounds``, and the first calls (trace + compile + one call)
+    with their ratio. Rows where kipnb is slower have their speed-up in bold.
+
+    Args:
+      report: the dict this script writes with ``--out`` (needs neural-tangents' rows).
+
+    Returns:
+      The table, with a first line naming the run (commit, date, rounds, wall time).
+
+    Example:
+      >>> import json
+      >>> print(colab_markdown(json.load(open("results.json"))))  # doctest: +SKIP
+    """
+    rows = [r for r in report["colab_results"] if "nt" in r]
+    if not rows:
+        raise ValueError("colab_markdown: the report has no neural-tangents rows (run with "
+                         "--nt-python)")
+    rounds = report["settings"].get("rounds", 1)
+    head = (f"Run of {report['created'][:10]} at {str(report['commit'])[:8]}, {rounds} "
+            f"round{'s' if rounds > 1 else ''}, {report['wall_time_s']:.0f} s, "
+            f"{report['machine'].get('cpu_count')} CPUs, JAX {report['kipnb'].get('jax')} "
+            f"(neural-tangents on JAX {(report['neural_tangents'] or {}).get('jax')}):\n\n")
+    spread = rounds > 1
+    lines = ["| colab setting | dtype | kipnb s | NT s | speed-up"
+             + (" (rounds min-max)" if spread else "")
+             + " | first call kipnb / NT s | first-call speed-up |",
+             "|---|---|---|---|---|---|---|"]
+
+    def bold(x):
+        return f"**{x:.2f}×**" if x < 1 else f"{x:.2f}×"
+
+    for r in rows:
+        k, n = r["kipnb"], r["nt"]
+        one_call = r["case"].startswith("FC-1 KIP step:")  # trace/compile: a single call
+        sp = bold(r["speedup_kipnb_over_nt"])
+        if spread and "speedup_kipnb_over_nt_min" in r:
+            sp += f" ({r['speedup_kipnb_over_nt_min']:.2f}-{r['speedup_kipnb_over_nt_max']:.2f})"
+        first = "–" if one_call else f"{_fmt_s(k['first_call_s'])} / {_fmt_s(n['first_call_s'])}"
+        fsp = "–" if one_call else bold(r["first_call_speedup_kipnb_over_nt"])
+        lines.append(f"| {r['case']} | {r['dtype']} | {_fmt_s(k['median_s'])} | "
+                     f"{_fmt_s(n['median_s'])} | {sp} | {first} | {fsp} |")
+    return head + "\n".join(lines)
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -434,6 +487,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1,
                     help="interleaved rounds: kipnb, then (neural-tangents, kipnb) this many "
                          "times; every ratio is also reported per round, with its spread")
+    ap.add_argument("--markdown", default=None,
+                    help="also write the colab table (seconds, speed-ups, first calls) as "
+                         "Markdown to this file, for the README")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="print the colab Markdown table of an earlier run's JSON and exit")
     ap.add_argument("--worker", choices=("kipnb", "nt"), help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
@@ -442,6 +500,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         worker(args)
+        return 0
+    if args.render:
+        print(colab_markdown(json.loads(Path(args.render).read_text())))
         return 0
     if not args.out:
         ap.error("--out is required")
@@ -601,6 +662,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(colab_markdown(report) + "\n")
+        print(f"wrote {args.markdown}")
     print(f"\nwrote {out} (wall time {report['wall_time_s']:.0f} s)")
     return 0
 

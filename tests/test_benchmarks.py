@@ -40,3 +40,45 @@ def test_rounds_below_one_is_refused(capsys):
     with pytest.raises(SystemExit):
         kernel_speed.main(["--out", "x.json", "--rounds", "0"])
     assert "--rounds 0: need at least 1 round" in capsys.readouterr().err
+
+
+def _report(rounds=1):
+    def row(case, dtype, k, n, kf=None, nf=None):
+        r = {"case": case, "dtype": dtype,
+             "kipnb": {"median_s": k, "first_call_s": kf or k, "timed_calls": 1},
+             "nt": {"median_s": n, "first_call_s": nf or n, "timed_calls": 1},
+             "speedup_kipnb_over_nt": n / k,
+             "first_call_speedup_kipnb_over_nt": (nf or n) / (kf or k)}
+        if rounds > 1:
+            kernel_speed.add_rounds(r, "speedup_kipnb_over_nt", [0.5 * n / k, 1.5 * n / k])
+        return r
+
+    return {"created": "2026-12-06T10:21:00+00:00", "commit": "1a0d0614951f", "wall_time_s": 463.2,
+            "machine": {"cpu_count": 2}, "kipnb": {"jax": "0.10.2"},
+            "neural_tangents": {"jax": "0.4.30"}, "settings": {"rounds": rounds},
+            "colab_results": [row("FC-1 KIP step: XLA compile", "float32", 0.5, 0.4),
+                              row("FC-1 KIP step 100x5000", "float64", 0.04, 0.07, 0.7, 0.6)]}
+
+
+@pytest.mark.parametrize("rounds, compile_line, step_line", [
+    (1, "| FC-1 KIP step: XLA compile | float32 | 0.500 | 0.400 | **0.80×** | – | – |",
+     "| FC-1 KIP step 100x5000 | float64 | 0.040 | 0.070 | 1.75× | 0.700 / 0.600 | **0.86×** |"),
+    (2, "| FC-1 KIP step: XLA compile | float32 | 0.500 | 0.400 | **0.80×** (0.40-1.20) | – | – |",
+     "| FC-1 KIP step 100x5000 | float64 | 0.040 | 0.070 | 1.75× (0.88-2.62) | 0.700 / 0.600 "
+     "| **0.86×** |"),
+])
+def test_colab_markdown_rows(rounds, compile_line, step_line):
+    md = kernel_speed.colab_markdown(_report(rounds))
+    lines = md.splitlines()
+    assert lines[0].startswith(f"Run of 2026-12-06 at 1a0d0614, {rounds} round")
+    assert "JAX 0.10.2 (neural-tangents on JAX 0.4.30)" in lines[0]
+    assert ("(rounds min-max)" in lines[2]) == (rounds > 1)
+    assert lines[-2:] == [compile_line, step_line]
+
+
+def test_colab_markdown_needs_neural_tangents_rows():
+    report = _report()
+    for r in report["colab_results"]:
+        del r["nt"]
+    with pytest.raises(ValueError, match="no neural-tangents rows"):
+        kernel_speed.colab_markdown(report)
