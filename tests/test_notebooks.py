@@ -152,6 +152,7 @@ def check_08(r):
 def check_04b(r):
     # Timings are measured, not compared: on 8x8 digits under a loaded CI host the two
     # costs are close and their order is noise (a 2026-12 CI run saw conv < fc).
+    assert r["preprocessing"] == "standardize"  # the default of the new PREPROCESSING
     assert set(r["kernel_ms_per_pair"]) == {"fc", "conv"}
     assert all(0 < v < 1e4 for v in r["kernel_ms_per_pair"].values()), r["kernel_ms_per_pair"]
     for w, errs in r["rf_relative_error"]["by_width"].items():
