@@ -454,6 +454,45 @@ def colab_markdown(report: dict) -> str:
     return head + "\n".join(lines)
 
 
+def throughput_markdown(report: dict) -> str:
+    """The throughput rows of a ``report`` (FC-3, ConvNet-3 pairs per second) as Markdown.
+
+    Args:
+      report: the dict this script writes with ``--out`` (needs neural-tangents' rows).
+
+    Returns:
+      One row per architecture, input and mode: both libraries' NTK pairs per second, their
+      ratio (with each round's min-max when the run had several ``--rounds``) and the
+      largest relative difference of the values (and gradients).
+
+    Example:
+      >>> print(throughput_markdown(json.load(open("results.json"))))  # doctest: +SKIP
+    """
+    rows = [r for r in report["results"] if "nt" in r]
+    if not rows:
+        raise ValueError("throughput_markdown: the report has no neural-tangents rows (run "
+                         "with --nt-python)")
+    spread = report["settings"].get("rounds", 1) > 1
+    lines = ["| architecture | input | mode | pairs | kipnb / NT (pairs/s) | kipnb / NT"
+             + (" (rounds min-max)" if spread else "") + " | max relative difference |",
+             "|---|---|---|---|---|---|---|"]
+
+    def rate(x):
+        return f"{x / 1e6:.2f}M" if x >= 1e5 else f"{x:.3g}"
+
+    for r in rows:
+        ratio = r["ratio_kipnb_over_nt"]
+        cell = f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.0f}×"
+        cell = f"**{cell}**" if ratio < 1 else cell
+        if spread and "ratio_kipnb_over_nt_min" in r:
+            cell += f" ({r['ratio_kipnb_over_nt_min']:.2f}-{r['ratio_kipnb_over_nt_max']:.2f})"
+        diff = max(r["max_rel_diff"], r.get("grad_max_rel_diff", 0.0))
+        lines.append(f"| {r['arch']} | {r['input']} | {r['mode']} | {r['n1']} × {r['n2']} | "
+                     f"{rate(r['kipnb']['pairs_per_s'])} / {rate(r['nt']['pairs_per_s'])} | "
+                     f"{cell} | {diff:.1e} |")
+    return "\n".join(lines)
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -488,10 +527,10 @@ def main(argv=None) -> int:
                     help="interleaved rounds: kipnb, then (neural-tangents, kipnb) this many "
                          "times; every ratio is also reported per round, with its spread")
     ap.add_argument("--markdown", default=None,
-                    help="also write the colab table (seconds, speed-ups, first calls) as "
-                         "Markdown to this file, for the README")
+                    help="also write the tables (colab: seconds, speed-ups, first calls; "
+                         "throughput: pairs/s) as Markdown to this file, for the README")
     ap.add_argument("--render", default=None, metavar="JSON",
-                    help="print the colab Markdown table of an earlier run's JSON and exit")
+                    help="print the Markdown tables of an earlier run's JSON and exit")
     ap.add_argument("--worker", choices=("kipnb", "nt"), help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
@@ -502,7 +541,8 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     if args.render:
-        print(colab_markdown(json.loads(Path(args.render).read_text())))
+        report = json.loads(Path(args.render).read_text())
+        print(colab_markdown(report) + "\n\n" + throughput_markdown(report))
         return 0
     if not args.out:
         ap.error("--out is required")
@@ -663,7 +703,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(colab_markdown(report) + "\n")
+        Path(args.markdown).write_text(
+            colab_markdown(report) + "\n\n" + throughput_markdown(report) + "\n")
         print(f"wrote {args.markdown}")
     print(f"\nwrote {out} (wall time {report['wall_time_s']:.0f} s)")
     return 0

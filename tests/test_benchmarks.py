@@ -82,3 +82,23 @@ def test_colab_markdown_needs_neural_tangents_rows():
         del r["nt"]
     with pytest.raises(ValueError, match="no neural-tangents rows"):
         kernel_speed.colab_markdown(report)
+
+
+def test_throughput_markdown_rows():
+    report = _report(rounds=2)
+    report["results"] = [
+        {"arch": "FC-3", "input": "28x28x1", "mode": "forward", "n1": 512, "n2": 512,
+         "kipnb": {"pairs_per_s": 3.5e7}, "nt": {"pairs_per_s": 1.4e7},
+         "ratio_kipnb_over_nt": 2.5, "ratio_kipnb_over_nt_min": 2.0,
+         "ratio_kipnb_over_nt_max": 3.0, "max_rel_diff": 1.2e-6},
+        {"arch": "ConvNet-3", "input": "28x28x1", "mode": "forward+grad", "n1": 8, "n2": 8,
+         "kipnb": {"pairs_per_s": 4.0}, "nt": {"pairs_per_s": 5.0},
+         "ratio_kipnb_over_nt": 0.8, "ratio_kipnb_over_nt_min": 0.7,
+         "ratio_kipnb_over_nt_max": 0.9, "max_rel_diff": 1e-7, "grad_max_rel_diff": 3e-7},
+    ]
+    lines = kernel_speed.throughput_markdown(report).splitlines()
+    assert lines[2] == ("| FC-3 | 28x28x1 | forward | 512 × 512 | 35.00M / 14.00M | "
+                        "2.50× (2.00-3.00) | 1.2e-06 |")
+    # slower rows in bold; the gradient's difference counts
+    assert lines[3] == ("| ConvNet-3 | 28x28x1 | forward+grad | 8 × 8 | 4 / 5 | "
+                        "**0.80×** (0.70-0.90) | 3.0e-07 |")
