@@ -98,6 +98,7 @@ def main(argv=None) -> int:
         ap.error(f"--nt-python {args.nt_python}: no such Python; build it with make ntenv")
     start = time.perf_counter()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # cold compiles only
     runs: dict = {}
     for dtype in ("float32", "float64"):
         for _ in range(args.repeats):

@@ -576,6 +576,10 @@ def main(argv=None) -> int:
             result = Path(tmp, f"{library}{run_index}.json")
             values = Path(tmp, f"{library}{run_index}_values.npz")
             env = dict(os.environ)
+            # Cold compiles only: a persistent compilation cache (kipnb.run sets one for
+            # notebook kernels; a spec run inherits it) would turn the compile and first
+            # call rows into cache loads.
+            env.pop("JAX_COMPILATION_CACHE_DIR", None)
             if library == "nt":
                 env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
                 env.setdefault("CUDA_VISIBLE_DEVICES", "")

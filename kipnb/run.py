@@ -16,6 +16,12 @@ Each notebook ``NAME.ipynb`` is executed into ``OUTPUT/NAME.ipynb`` with the par
 the time per notebook and a summary, writes ``OUTPUT/summary.json``, and exits non-zero
 when a notebook fails, naming the notebook and the failing cell.
 
+Compilation cache: the kernels run with JAX's persistent compilation cache
+(:func:`compile_cache_dir`: ``~/.cache/kipnb/jax-compile``, or ``$KIPNB_COMPILE_CACHE``;
+``KIPNB_COMPILE_CACHE=off`` turns it off, and a ``JAX_COMPILATION_CACHE_DIR`` already set
+is kept), so a notebook run a second time (``make run`` again, every submission of a
+graded assignment) loads its XLA programs instead of compiling them again.
+
 Parameters: ``-p NAME VALUE`` (VALUE is read as YAML, so ``10``, ``0.5``, ``true``,
 ``[1, 10]`` and ``fashion_mnist`` mean what they look like) applies to every notebook
 that declares NAME in its ``parameters`` cell. A params file is a mapping: keys that
@@ -27,6 +33,7 @@ notebook declares is an error (it is most likely a typo).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -41,6 +48,7 @@ import yaml
 __all__ = [
     "NotebookRun",
     "RunError",
+    "compile_cache_dir",
     "export_figures",
     "find_notebooks",
     "ipc_kernel_manager_class",
@@ -168,6 +176,66 @@ def _describe_failure(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+COMPILE_CACHE_ENV = "KIPNB_COMPILE_CACHE"
+# JAX caches only programs that took at least this long to compile (its default: 1 s).
+COMPILE_CACHE_MIN_SECONDS = "0.2"
+
+
+def compile_cache_dir(environ: Mapping[str, str] | None = None) -> str | None:
+    """The persistent XLA compilation cache the notebooks' kernels use, or None (off).
+
+    ``$KIPNB_COMPILE_CACHE`` names the directory (``off``, ``0``, ``no`` or empty: no
+    cache); unset, it is ``$XDG_CACHE_HOME/kipnb/jax-compile`` (``~/.cache/...``). A
+    ``JAX_COMPILATION_CACHE_DIR`` set by the user wins. JAX keys every entry by the
+    program, the JAX/XLA versions, the flags and the device, so a stale entry is never
+    used, only a matching one.
+
+    Args:
+      environ: the environment to read (default ``os.environ``).
+
+    Returns:
+      An absolute directory, or None when the cache is turned off.
+
+    Example:
+      >>> compile_cache_dir({"KIPNB_COMPILE_CACHE": "off"}) is None
+      True
+      >>> compile_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/tmp/jc"})
+      '/tmp/jc'
+    """
+    env = os.environ if environ is None else environ
+    if env.get("JAX_COMPILATION_CACHE_DIR"):
+        return env["JAX_COMPILATION_CACHE_DIR"]
+    chosen = env.get(COMPILE_CACHE_ENV)
+    if chosen is not None:
+        if chosen.strip().lower() in ("", "0", "off", "no", "false"):
+            return None
+        return str(Path(chosen).expanduser().resolve())
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base, "kipnb", "jax-compile").resolve())
+
+
+@contextlib.contextmanager
+def _kernel_environment():
+    """Point the kernels started inside (they inherit this process's environment) at the
+    compilation cache; the environment is restored afterwards."""
+    directory = compile_cache_dir()
+    changes = {} if directory is None else {
+        "JAX_COMPILATION_CACHE_DIR": directory,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": os.environ.get(
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", COMPILE_CACHE_MIN_SECONDS),
+    }
+    saved = {k: os.environ.get(k) for k in changes}
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def ipc_kernel_manager_class():
     """A kernel manager whose kernels talk over IPC (Unix sockets) instead of TCP.
 
@@ -265,16 +333,17 @@ def run_notebooks(
             results_path.unlink()  # a stale result must not pass for a fresh one
         t0 = time.perf_counter()
         try:
-            papermill.execute_notebook(
-                str(nb),
-                run.output_notebook,
-                parameters=p,
-                kernel_name=kernel_name,
-                cwd=str(nb.parent),
-                progress_bar=False,
-                execution_timeout=execution_timeout,
-                **extra,
-            )
+            with _kernel_environment():
+                papermill.execute_notebook(
+                    str(nb),
+                    run.output_notebook,
+                    parameters=p,
+                    kernel_name=kernel_name,
+                    cwd=str(nb.parent),
+                    progress_bar=False,
+                    execution_timeout=execution_timeout,
+                    **extra,
+                )
             if not results_path.is_file():
                 raise RunError(f"the notebook did not write {results_path}")
             run.results = json.loads(results_path.read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import nbformat
 import pytest
@@ -141,3 +142,39 @@ def test_export_figures_writes_each_png_of_an_executed_notebook(tmp_path):
     assert [p.name for p in paths] == ["cell01-1.png", "cell01-2.png"]
     assert all(p.read_bytes() == b"\x89PNG fake" for p in paths)
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["cell01-1.png", "cell01-2.png"]
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"KIPNB_COMPILE_CACHE": "off"}, None),
+    ({"KIPNB_COMPILE_CACHE": "0"}, None),
+    ({"KIPNB_COMPILE_CACHE": ""}, None),
+    ({"KIPNB_COMPILE_CACHE": "/tmp/kc"}, "/tmp/kc"),
+    ({"JAX_COMPILATION_CACHE_DIR": "/tmp/jc", "KIPNB_COMPILE_CACHE": "off"}, "/tmp/jc"),
+    ({"XDG_CACHE_HOME": "/tmp/xdg"}, "/tmp/xdg/kipnb/jax-compile"),
+])
+def test_compile_cache_dir(environ, expected):
+    assert run.compile_cache_dir(environ) == expected
+
+
+CACHE_NB = """import json, os
+os.makedirs(OUTPUT_DIR, exist_ok=True)
+import jax
+json.dump({"dir": jax.config.jax_compilation_cache_dir,
+           "env": os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")},
+          open(os.path.join(OUTPUT_DIR, "results.json"), "w"))"""
+
+
+@pytest.mark.parametrize("setting", ["cache", "off"])
+def test_kernels_use_the_compilation_cache(tmp_path, monkeypatch, setting):
+    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        monkeypatch.delenv(name, raising=False)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KIPNB_COMPILE_CACHE", str(cache) if setting == "cache" else "off")
+    nb = write_nb(tmp_path / "00_cache.ipynb", 'OUTPUT_DIR = "out"', CACHE_NB)
+    runs = run.run_notebooks([nb], tmp_path / "out", log=lambda *a, **k: None)
+    assert runs[0].ok, runs[0].error
+    if setting == "cache":
+        assert runs[0].results == {"dir": str(cache.resolve()), "env": "0.2"}
+    else:
+        assert runs[0].results == {"dir": None, "env": None}
+    assert "JAX_COMPILATION_CACHE_DIR" not in os.environ  # restored after the run
