@@ -90,10 +90,10 @@ and their self pass runs on ``x1`` and ``x2`` separately instead of on a copy of
 calls one ``jax.jit``-compiled function, cached per network and input shapes, so
 repeated eager calls do not retrace. On the 2-core CPU this was developed on, the
 ConvNet-3 NTK (with pooling) ran 13-36x faster than neural-tangents 0.6.5 (forward, and
-forward + gradient); dense kernels 1.3-4.6x (the float64 FC-1 KIP step 1.4-1.8x), the
+forward + gradient); dense kernels 1.3-6x (the float64 FC-1 KIP step 1.4-1.8x), the
 colab's Conv and Myrtle-5 steps 1.1-1.9x (two runs of 2026-12-06; runs move by up to
 2x), but first calls (compilation; JAX 0.10 compiles the same program ~1.9x slower than
-the JAX 0.4.30 neural-tangents pins) 0.4-1.2x; see ``benchmarks/kernel_speed.py``, its
+the JAX 0.4.30 neural-tangents pins) 0.4-1.7x; see ``benchmarks/kernel_speed.py``, its
 saved results and the README.
 
 Numerics
